@@ -1,0 +1,36 @@
+# The two set-up commands: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv and installs the project first if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Ray's CLI clients need token auth mode to talk to a head started here.
+export RAY_AUTH_MODE ?= token
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test ui bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python pipelines/ablate.py --config configs/ablations/demo.yaml --resume
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $${PORT:-5000}
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs reports mlflow.db mlartifacts data/shards

@@ -1,0 +1,508 @@
+"""Typed configuration: dataclass schemas, YAML loading with `include:`, `key=value` overrides.
+
+Every problem in a config is gathered into one `ConfigError` that names each key path and what is
+accepted, and it is raised before any work starts (no Ray, no data, no MLflow touched).
+
+YAML files may carry `include: [other.yaml, ...]` in any mapping; included files are merged first
+(paths relative to the including file), then the mapping's own keys on top.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems found in one config, one per line, each naming its key path."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid config{where}:\n  - " + "\n  - ".join(errors))
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic dataset `mmray.data.synthetic` writes (used by the demo and the tests)."""
+
+    # Samples over all splits.
+    num_samples: int = field(default=600, metadata=_range(6))
+    num_classes: int = field(default=4, metadata=_range(2, 1000))
+    # Which modalities to write, 2 or 3 of audio (WAV), image (PNG), text (TXT).
+    modalities: list[Literal["audio", "image", "text"]] = field(
+        default_factory=lambda: ["audio", "image"]
+    )
+    # Per-modality signal strength in [0, 1]: the fraction of samples whose modality carries its
+    # own class's pattern (the rest carry a random class's pattern). 1 = clean, 0 = no signal.
+    strength: dict[str, float] = field(default_factory=lambda: {"audio": 0.9, "image": 0.5})
+    # Std of the additive noise relative to the pattern amplitude.
+    noise: float = field(default=0.5, metadata=_range(0.0, 10.0))
+    # Fractions of train / val / test; must sum to 1.
+    splits: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    sample_rate: int = field(default=8000, metadata=_range(1000, 192000))
+    audio_seconds: float = field(default=0.5, metadata=_range(0.05, 60.0))
+    image_size: int = field(default=32, metadata=_range(8, 1024))
+    text_words: int = field(default=12, metadata=_range(1, 10000))
+    vocab_words: int = field(default=200, metadata=_range(10, 100000))
+    seed: int = 0
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if not 2 <= len(self.modalities) <= 3 or len(set(self.modalities)) != len(self.modalities):
+            errors.append(f"{path}.modalities: {self.modalities} must name 2 or 3 distinct "
+                          "modalities of audio, image, text")
+        for m in self.modalities:
+            if m not in self.strength:
+                errors.append(f"{path}.strength: no strength for modality {m!r}")
+        for m, s in self.strength.items():
+            if m not in self.modalities:
+                errors.append(f"{path}.strength.{m}: not one of the modalities {self.modalities}")
+            elif not 0.0 <= s <= 1.0:
+                errors.append(f"{path}.strength.{m}: {s} is outside [0, 1]")
+        if len(self.splits) != 3 or any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
+            errors.append(f"{path}.splits: {self.splits} must be 3 non-negative fractions "
+                          "(train, val, test) summing to 1")
+
+
+@dataclass
+class AudioFeatures:
+    # fbank: torchaudio Kaldi filterbank; logmel: log mel spectrogram; stft: log-magnitude STFT.
+    kind: Literal["fbank", "logmel", "stft"] = "fbank"
+    sample_rate: int = field(default=8000, metadata=_range(1000, 192000))
+    # Fixed-length crop (or zero pad) in seconds, taken from the start of the clip.
+    seconds: float = field(default=0.5, metadata=_range(0.05, 60.0))
+    n_mels: int = field(default=32, metadata=_range(4, 512))
+    n_fft: int = field(default=256, metadata=_range(16, 16384))
+    hop_length: int = field(default=128, metadata=_range(1, 16384))
+    # Per-feature normalisation after the transform: (x - mean) / std.
+    mean: float = 0.0
+    std: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+
+
+@dataclass
+class ImageFeatures:
+    size: int = field(default=32, metadata=_range(8, 1024))
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class TextFeatures:
+    # Token ids are a stable hash of each lower-cased word into [1, vocab_size); 0 pads.
+    vocab_size: int = field(default=1024, metadata=_range(8, 10_000_000))
+    max_tokens: int = field(default=32, metadata=_range(1, 4096))
+
+
+@dataclass
+class DataConfig:
+    # Dataset source; one of mmray.data.sources.SOURCES.
+    dataset: str = "synthetic"
+    # Raw dataset folder, in the dataset's official layout.
+    root: str = "data/raw/synthetic"
+    # Where versioned Parquet shards go: <data_dir>/<dataset>/<version>/<split>/.
+    data_dir: str = "data/shards"
+    audio: AudioFeatures = field(default_factory=AudioFeatures)
+    image: ImageFeatures = field(default_factory=ImageFeatures)
+    text: TextFeatures = field(default_factory=TextFeatures)
+    # Skip unreadable input files (counted and named in the manifest) instead of failing.
+    skip_corrupt: bool = False
+    # Featurizer actors run in parallel by Ray Data, and rows per map_batches call.
+    parallelism: int = field(default=2, metadata=_range(1, 4096))
+    batch_rows: int = field(default=64, metadata=_range(1, 1_000_000))
+    # Rows per Parquet file (the unit of streaming and of worker sharding).
+    rows_per_file: int = field(default=256, metadata=_range(1, 10_000_000))
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        from mmray.data.sources import SOURCES
+
+        if self.dataset not in SOURCES:
+            errors.append(f"{path}.dataset: unknown dataset {self.dataset!r}; known: {sorted(SOURCES)}")
+        if len(self.image.mean) != 3 or len(self.image.std) != 3:
+            errors.append(f"{path}.image.mean/std: need 3 values (RGB)")
+
+
+@dataclass
+class ModelConfig:
+    # Encoder family per modality kind; "small" = small CNN / embedding encoders for CPU runs.
+    encoder: Literal["small"] = "small"
+    # Width of every encoder's output feature h_m.
+    feature_dim: int = field(default=64, metadata=_range(1, 65536))
+    # Base channel count of the small CNN encoders.
+    width: int = field(default=16, metadata=_range(1, 4096))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 1.0))
+
+
+@dataclass
+class MethodConfig:
+    # One of mmray.methods.METHODS.
+    name: str = "normal"
+    # Late fusion of the per-modality features: concat (W[h_a; h_v] + b) or sum (Σ W_m h_m + b).
+    fusion: Literal["concat", "sum"] = "concat"
+    # Method-specific options, checked against that method's Config dataclass.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        from mmray.methods import METHODS
+
+        if self.name not in METHODS:
+            errors.append(f"{path}.name: unknown method {self.name!r}; known: {sorted(METHODS)}")
+            return
+        opts_cls = METHODS[self.name].Config
+        self.options = dataclasses.asdict(_convert(opts_cls, self.options, f"{path}.options", errors)
+                                          or opts_cls())
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=3, metadata=_range(1, 100_000))
+    batch_size: int = field(default=32, metadata=_range(1, 1_000_000))
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = field(default=1e-3, metadata=_range(0.0, 10.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0, 10.0))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    scheduler: Literal["none", "step", "cosine"] = "none"
+    step_size: int = field(default=70, metadata=_range(1))
+    gamma: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
+    # Rows kept in each worker's local shuffle buffer (0 = file order).
+    shuffle_buffer: int = field(default=256, metadata=_range(0))
+    # Ray Train workers for one run, and what each reserves.
+    num_workers: int = field(default=1, metadata=_range(1, 4096))
+    cpus_per_worker: float = field(default=1.0, metadata=_range(0.0, 1024.0, lo_open=True))
+    # auto: CUDA when the worker sees a GPU, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast; applied only on CUDA.
+    mixed_precision: bool = True
+    # Worker-group restarts (from the last checkpoint) before the run fails.
+    max_failures: int = field(default=2, metadata=_range(0))
+    checkpoints_to_keep: int = field(default=2, metadata=_range(1))
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db.
+    uri: str = ""
+    # Experiment name; empty: the ablation's name (or "mmray" for a single run).
+    experiment: str = ""
+
+
+@dataclass
+class ExperimentConfig:
+    """One training run: data, model, method, optimisation, tracking."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class ParamRange:
+    """A hyperparameter range Optuna searches."""
+
+    type: Literal["float", "loguniform", "int", "categorical"] = "float"
+    low: float = 0.0
+    high: float = 1.0
+    choices: list[Any] = field(default_factory=list)
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if self.type == "categorical":
+            if not self.choices:
+                errors.append(f"{path}.choices: a categorical range needs a non-empty list")
+        elif not self.low < self.high:
+            errors.append(f"{path}: low ({self.low}) must be below high ({self.high})")
+        elif self.type == "loguniform" and self.low <= 0:
+            errors.append(f"{path}.low: a loguniform range needs low > 0, got {self.low}")
+
+
+@dataclass
+class SearchConfig:
+    # Experiment key paths (e.g. train.lr) and the ranges Optuna searches for each grid cell.
+    space: dict[str, ParamRange] = field(default_factory=dict)
+    # Optuna trials per grid cell (the same budget for every method).
+    num_samples: int = field(default=1, metadata=_range(1))
+    # Metric that selects the best trial of a cell, and its direction.
+    metric: str = "val/acc"
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass
+class ResourcesConfig:
+    # Trials run at once; 0 = as many as the cluster's CPUs/GPUs fit.
+    max_concurrent_trials: int = field(default=0, metadata=_range(0))
+
+
+@dataclass
+class AblationConfig:
+    """A grid of experiments: the base experiment, the axes, the search, where results go."""
+
+    name: str = "ablation"
+    description: str = ""
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    # Categorical axes: experiment key path -> values, e.g. method.name: [normal, ogm_ge].
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # Ray Tune / Train results and checkpoints (a local folder, or s3:// on a cluster).
+    storage_path: str = "runs"
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            errors.append(f"name: {self.name!r} must be non-empty, without spaces or slashes")
+        base = to_dict(self.experiment)
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                errors.append(f"grid.{key}: needs a non-empty list of values")
+                continue
+            for v in values:  # every value of every axis must make a valid experiment
+                try:
+                    from_dict(ExperimentConfig, set_path(copy.deepcopy(base), key, v))
+                except (ConfigError, KeyError) as e:
+                    msg = e.errors if isinstance(e, ConfigError) else [str(e)]
+                    errors.extend(f"grid.{key}={v!r}: {m}" for m in msg)
+        for key in self.search.space:
+            if key in self.grid:
+                errors.append(f"search.space.{key}: also a grid axis; a key is one or the other")
+            elif not _has_path(base, key):
+                errors.append(f"search.space.{key}: not a key of the experiment config")
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion from plain data, gathering errors
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_range(value: Any, meta: Mapping, path: str, errors: list[str]) -> None:
+    if "range" not in meta or not isinstance(value, int | float):
+        return
+    lo, hi, lo_open = meta["range"]
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        accepted = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        errors.append(f"{path}: {value!r} is out of range; accepted: {accepted}")
+
+
+def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            errors.append(f"{path or '<root>'}: expected a mapping, got {type(value).__name__}")
+            return None
+        hints = get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        for key in value:
+            if key not in fields:
+                where = f"{path}.{key}" if path else str(key)
+                errors.append(f"{where}: unknown key; known: {sorted(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name not in value:
+                continue
+            sub = f"{path}.{name}" if path else name
+            n_before = len(errors)
+            converted = _convert(hints[name], value[name], sub, errors)
+            if len(errors) == n_before:
+                _check_range(converted, f.metadata, sub, errors)
+                kwargs[name] = converted
+        obj = tp(**kwargs)
+        if hasattr(obj, "validate"):
+            obj.validate(path, errors)
+        return obj
+    if origin is Literal:
+        if value not in get_args(tp):
+            errors.append(f"{path}: {value!r} is not accepted; accepted: {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            trial: list[str] = []
+            out = _convert(arg, value, path, trial)
+            if not trial:
+                return out
+        errors.append(f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            errors.append(f"{path}: expected a list, got {value!r}")
+            return value
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_convert(item_tp, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            errors.append(f"{path}: expected a mapping, got {value!r}")
+            return value
+        _, val_tp = get_args(tp) or (str, Any)
+        return {str(k): _convert(val_tp, v, f"{path}.{k}", errors) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def from_dict(cls: type, data: Mapping, source: str | None = None):
+    """Build and validate `cls` from plain data; raise one ConfigError listing every problem."""
+    errors: list[str] = []
+    obj = _convert(cls, data, "", errors)
+    if errors:
+        raise ConfigError(errors, source)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML, includes, overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_includes(node: Any, here: Path, seen: tuple[Path, ...]) -> Any:
+    if not isinstance(node, Mapping):
+        return node
+    merged: dict = {}
+    includes = node.get("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    for inc in includes:
+        inc_path = (here / inc).resolve()
+        if inc_path in seen:
+            raise ConfigError([f"include: {inc_path} includes itself"], str(seen[-1]))
+        if not inc_path.is_file():
+            raise ConfigError([f"include: file {inc} not found (looked at {inc_path})"], str(seen[-1]))
+        merged = _deep_merge(merged, read_yaml(inc_path, seen + (inc_path,)))
+    own = {k: _resolve_includes(v, here, seen) for k, v in node.items() if k != "include"}
+    return _deep_merge(merged, own)
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping with its includes resolved."""
+    path = Path(path).resolve()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {path}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(["the top level must be a mapping"], str(path))
+    return _resolve_includes(data, path.parent, _seen or (path,))
+
+
+def _has_path(d: Mapping, key: str) -> bool:
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def set_path(d: dict, key: str, value: Any) -> dict:
+    """Set a dotted key in nested dicts, creating mappings as needed; returns d."""
+    parts = key.split(".")
+    node = d
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return d
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.path=value` strings; values parse as YAML (numbers, bools, lists)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"override {item!r}: expected key.path=value"])
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = ExperimentConfig):
+    """Load a config of schema `cls` from YAML (or defaults when path is None) plus overrides."""
+    data = read_yaml(path) if path else {}
+    ablation_keys = {f.name for f in dataclasses.fields(AblationConfig)}
+    for key, value in parse_overrides(list(overrides)):
+        # An ablation's overrides name experiment keys directly (train.epochs=2) for convenience.
+        if cls is AblationConfig and key.split(".")[0] not in ablation_keys:
+            key = f"experiment.{key}"
+        set_path(data, key, value)
+    return from_dict(cls, data, str(path) if path else None)
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a config's content (for tags and trial identity)."""
+    blob = json.dumps(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value} (lists kept as values), for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

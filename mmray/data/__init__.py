@@ -1,0 +1,1 @@
+"""Dataset sources, the synthetic generator, Ray Data preprocessing and the shard reader."""

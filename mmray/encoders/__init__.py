@@ -1,0 +1,24 @@
+"""Encoder factory: one encoder per modality, chosen by the modality's kind and the model config.
+
+Every encoder maps a batch of one modality to features (B, feature_dim) and exposes `out_dim`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmray.config import ModelConfig
+from mmray.data.spec import ModalitySpec
+from mmray.encoders.small import SmallCNN, TokenBagEncoder, VectorMLP
+
+
+def build_encoder(spec: ModalitySpec, cfg: ModelConfig) -> nn.Module:
+    """The encoder for one modality; fails naming the kind and family it cannot serve."""
+    if cfg.encoder == "small":
+        if spec.kind in ("audio", "image"):
+            return SmallCNN(spec.shape[0], cfg.width, cfg.feature_dim, cfg.dropout)
+        if spec.kind == "text":
+            return TokenBagEncoder(spec.vocab_size, cfg.width * 4, cfg.feature_dim, cfg.dropout)
+        if spec.kind == "vector":
+            return VectorMLP(spec.shape[0], cfg.width * 4, cfg.feature_dim, cfg.dropout)
+    raise ValueError(f"model.encoder={cfg.encoder!r} has no encoder for modality kind {spec.kind!r}")

@@ -1,0 +1,23 @@
+"""Method registry: name -> class, filled by explicit imports (one file per method)."""
+
+from __future__ import annotations
+
+from mmray.config import MethodConfig, ModelConfig
+from mmray.data.spec import DatasetSpec
+from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.normal import Normal
+
+METHODS: dict[str, type[Method]] = {
+    Normal.name: Normal,
+}
+
+
+def build_method(spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig) -> Method:
+    try:
+        cls = METHODS[method_cfg.name]
+    except KeyError:
+        raise KeyError(f"unknown method {method_cfg.name!r}; known: {sorted(METHODS)}") from None
+    return cls(spec, model_cfg, method_cfg)
+
+
+__all__ = ["METHODS", "Batch", "Method", "Output", "StepContext", "build_method"]

@@ -1,0 +1,122 @@
+"""The common method interface every method in `mmray.methods` implements.
+
+A method owns its model, its training step and any state it keeps across steps. It never imports
+ray or mlflow: the training loop hands it a `StepContext` for backward/step (mixed precision,
+gradient averaging across workers) and logs whatever dict `train_step` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmray.config import MethodConfig, ModelConfig
+from mmray.data.spec import DatasetSpec
+from mmray.encoders import build_encoder
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class Output:
+    """Fused logits (B, C) and each modality's own logits (B, C) for diagnostics."""
+
+    logits: torch.Tensor
+    per_modality: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What a train step may use besides its batch; built by the training loop."""
+
+    device: torch.device
+    epoch: int = 0
+    batch_idx: int = 0
+    batches_per_epoch: int = 1
+    # bf16 autocast on CUDA when mixed precision is on; a no-op elsewhere.
+    amp_dtype: torch.dtype | None = None
+    # Averages gradients across Ray Train workers (a no-op with one worker).
+    sync_grads: Callable[[nn.Module], None] = lambda module: None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+@dataclass
+class NoOptions:
+    """This method takes no options beyond `method.fusion`."""
+
+
+class Method(nn.Module):
+    """Per-modality encoders plus whatever head the method defines.
+
+    Subclasses set `name`, optionally `Config` (their options dataclass), and implement `forward`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoOptions
+
+    def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
+        super().__init__()
+        self.spec = spec
+        self.modalities = list(spec.modalities)
+        self.method_cfg = method_cfg
+        self.options = self.Config(**method_cfg.options)
+        self.encoders = nn.ModuleDict(
+            {m: build_encoder(s, model_cfg) for m, s in spec.modalities.items()}
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+    def features(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """h_m = φ_m(x_m), zeroed where the modality is missing (batch["present"][m] is False)."""
+        feats = {}
+        for m in self.modalities:
+            h = self.encoders[m](batch["inputs"][m])
+            present = batch["present"][m].to(h.dtype).unsqueeze(1)
+            feats[m] = h * present
+        return feats
+
+    def forward(self, batch: Batch) -> Output:
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> Output:
+        """Evaluation-time outputs; methods with a test-time fusion rule (MLA) override this."""
+        return self(batch)
+
+    # -- loss and step ------------------------------------------------------------------------
+    def criterion(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.spec.multilabel:
+            return F.binary_cross_entropy_with_logits(logits.float(), label.float())
+        return F.cross_entropy(logits.float(), label)
+
+    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        """One optimisation step on one batch; returns the values to log."""
+        with ctx.autocast():
+            out = self(batch)
+        loss = self.criterion(out.logits, batch["label"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.sync_grads(self)
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    # -- optimisation hooks -------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; a method can exempt parameters from weight decay."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad],
+                 "weight_decay": weight_decay}]
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch (e.g. to reset per-epoch statistics)."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Method-specific values to log once per epoch (e.g. OGM-GE coefficients)."""
+        return {}

@@ -1,0 +1,1 @@
+"""MLflow logging of sweeps and trials."""

@@ -1,0 +1,146 @@
+"""MLflow logging: one experiment per ablation, a parent run per sweep, a child run per trial.
+
+Runs are found again by tags, never created twice: the parent by `mmray.sweep` (the sweep's
+storage folder), a child by `mmray.trial` (its name from grid cell, seed and sample index). A
+resumed sweep reuses an unfinished child run and skips a finished one, so MLflow ends with exactly
+one finished child run per trial.
+
+Tracking URIs and artifact locations are made absolute on the driver: trials and `ray job
+submit` run in temporary working folders where a relative `sqlite:///mlflow.db` would vanish.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+SWEEP_TAG = "mmray.sweep"
+TRIAL_TAG = "mmray.trial"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+_BATCH = 100  # MLflow's log_batch limit on params per call
+
+
+def resolve_tracking_uri(uri: str = "", workdir: str | Path | None = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else an absolute sqlite file in `workdir`."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = Path(workdir or os.getcwd()).resolve()
+    if not uri:
+        return f"sqlite:///{base / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a bare folder means a file store there
+        return str((base / uri).resolve())
+    return uri
+
+
+def artifact_root_for(uri: str, workdir: str | Path | None = None) -> str | None:
+    """Local stores keep artifacts in an absolute folder beside the database; servers choose."""
+    if uri.startswith("sqlite:") or "://" not in uri:
+        return str((Path(workdir or os.getcwd()) / "mlartifacts").resolve())
+    return None
+
+
+def git_commit(path: str | Path | None = None) -> str:
+    """The commit of the code that runs; $MMRAY_GIT_COMMIT where the checkout has no .git."""
+    if os.environ.get("MMRAY_GIT_COMMIT"):
+        return os.environ["MMRAY_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _find_runs(client: MlflowClient, exp_id: str, filters: dict[str, str]) -> list:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items())
+    return client.search_runs([exp_id], filter_string=query, max_results=1000)
+
+
+def _safe_param(value: Any) -> str:
+    s = str(value)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, _safe_param(v)) for k, v in sorted(params.items()) if k not in existing]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, params=items[i:i + _BATCH])
+
+
+def start_parent(client: MlflowClient, exp_id: str, sweep_key: str, name: str,
+                 params: dict[str, Any], tags: dict[str, str]) -> str:
+    """The sweep's parent run: found by its sweep key if it exists, else created."""
+    found = [r for r in _find_runs(client, exp_id, {SWEEP_TAG: sweep_key})
+             if PARENT_TAG not in r.data.tags]
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: sweep_key, **tags})
+        run_id = run.info.run_id
+        log_params(client, run_id, params)
+    return run_id
+
+
+def child_run(client: MlflowClient, exp_id: str, parent_id: str, trial: str,
+              params: dict[str, Any], tags: dict[str, str]) -> tuple[str, str]:
+    """(run_id, status) of the trial's child run; an unfinished one is reused, not duplicated."""
+    found = _find_runs(client, exp_id, {PARENT_TAG: parent_id, TRIAL_TAG: trial})
+    finished = [r for r in found if r.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id, "FINISHED"
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, "RUNNING"
+    run = client.create_run(exp_id, run_name=trial,
+                            tags={PARENT_TAG: parent_id, TRIAL_TAG: trial, **tags})
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id, "RUNNING"
+
+
+def finish(client: MlflowClient, run_id: str, ok: bool = True) -> None:
+    client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def final_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    return dict(client.get_run(run_id).data.metrics)
+
+
+class EpochLogger:
+    """Logs one epoch's metrics to a run; built on rank 0 of a Train run from plain arguments."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, int | float) and math.isfinite(float(v))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -1,0 +1,1 @@
+"""The plain torch training loop, checkpoints, and the Ray Train glue."""

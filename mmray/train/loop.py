@@ -1,0 +1,231 @@
+"""The plain torch training loop, shared by local runs and Ray Train workers.
+
+Nothing here imports ray: `fit` takes a function that yields batches of a split for an epoch and
+a function that receives each epoch's metrics and the state to checkpoint. `mmray.train.ray_train`
+wires those to Ray Data shards and `ray.train.report`; `run_local` wires them to Parquet files and
+a checkpoint folder, which is what the tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmray.config import ExperimentConfig, TrainConfig
+from mmray.data.spec import DatasetSpec
+from mmray.methods import Batch, Method, StepContext, build_method
+from mmray.train.metrics import MetricAccumulator
+
+BatchesFn = Callable[[str, int], Iterable[Batch]]  # (split, epoch) -> batches
+ReportFn = Callable[[int, dict, "RunState"], None]  # (epoch, metrics, state)
+
+CHECKPOINT_FILE = "state.pt"
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint holds; `epoch` is the next epoch to run."""
+
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {
+            "method": self.method.state_dict(),  # includes method state via get_extra_state
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "epoch": self.epoch,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.method.load_state_dict(sd["method"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        if self.scheduler and sd["scheduler"]:
+            self.scheduler.load_state_dict(sd["scheduler"])
+        self.epoch = int(sd["epoch"])
+        self.history = list(sd["history"])
+
+
+def save_checkpoint(state: RunState, folder: str | Path) -> Path:
+    """Write `state.pt` atomically: a reader sees the old file or the new one, never half."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state.state_dict(), tmp)
+        os.replace(tmp, folder / CHECKPOINT_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return folder / CHECKPOINT_FILE
+
+
+def load_checkpoint(state: RunState, folder: str | Path) -> None:
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    state.method.to(next(state.method.parameters()).device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """auto: CUDA if this process sees a GPU, else CPU. Asking for cuda without one is an error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use auto or cpu")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def build_state(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> RunState:
+    seed_everything(cfg.seed)  # same seed -> same initial weights on every worker
+    method = build_method(spec, cfg.model, cfg.method).to(device)
+    t = cfg.train
+    groups = method.param_groups(t.weight_decay)
+    if t.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    elif t.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=t.lr)
+    else:
+        opt = torch.optim.AdamW(groups, lr=t.lr)
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    if t.scheduler == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma)
+    elif t.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    return RunState(method, opt, sched)
+
+
+def make_context(cfg: TrainConfig, device: torch.device,
+                 sync_grads: Callable[[nn.Module], None] | None = None) -> StepContext:
+    amp = torch.bfloat16 if (device.type == "cuda" and cfg.mixed_precision) else None
+    ctx = StepContext(device=device, amp_dtype=amp)
+    if sync_grads is not None:
+        ctx.sync_grads = sync_grads
+    return ctx
+
+
+def _mean(values: list) -> float:
+    # One device->host copy per epoch, not per step: step losses stay tensors until here.
+    return float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).mean()) if values else 0.0
+
+
+def train_epoch(state: RunState, batches: Iterable[Batch], ctx: StepContext) -> dict[str, float]:
+    method = state.method
+    method.train()
+    method.on_epoch_start(ctx.epoch)
+    logs: dict[str, list] = {}
+    n = 0
+    for i, batch in enumerate(batches):
+        ctx.batch_idx = i
+        out = method.train_step(batch, state.optimizer, ctx)
+        for k, v in out.items():
+            logs.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
+        n += 1
+    if state.scheduler is not None:
+        state.scheduler.step()
+    ctx.batches_per_epoch = max(n, 1)
+    metrics = {f"train/{k}": _mean(v) for k, v in logs.items()}
+    metrics.update(method.epoch_metrics())
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(method: Method, batches: Iterable[Batch], ctx: StepContext, split: str,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Fused and per-modality metrics over a split; `reduce` sums counts across workers."""
+    method.eval()
+    acc = MetricAccumulator(method.spec, method.modalities)
+    for batch in batches:
+        with ctx.autocast():
+            out = method.predict(batch)
+        loss = method.criterion(out.logits, batch["label"])
+        acc.update(out, batch["label"], loss)
+    return acc.compute(split, reduce)
+
+
+def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: ReportFn,
+        ctx: StepContext, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
+    """Train from `state.epoch` to `cfg.train.epochs`, evaluating every epoch.
+
+    Each epoch re-seeds torch from (seed, epoch) so that a run resumed from a checkpoint draws
+    the same random numbers as one that never stopped. The test split is evaluated only after the
+    last epoch, so model selection never sees it.
+    """
+    for epoch in range(state.epoch, cfg.train.epochs):
+        seed_everything(cfg.seed * 100_003 + epoch)
+        ctx.epoch = epoch
+        t0 = time.perf_counter()
+        metrics = train_epoch(state, batches("train", epoch), ctx)
+        metrics["time/train_epoch_s"] = time.perf_counter() - t0
+        last = epoch == cfg.train.epochs - 1
+        for split in splits:
+            if split != "test" or last:
+                metrics.update(evaluate(state.method, batches(split, epoch), ctx, split, reduce))
+        metrics["epoch"] = epoch
+        metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+        state.epoch = epoch + 1
+        state.history.append(metrics)
+        report(epoch, metrics, state)
+    return state.history
+
+
+def run_local(cfg: ExperimentConfig, version_dir: str | Path, checkpoint_dir: str | Path | None = None,
+              stop_after: int | None = None) -> list[dict]:
+    """Train in this process from Parquet shards; resumes from `checkpoint_dir` if it holds one.
+
+    `stop_after` ends the run after that many epochs of this call (to test resuming).
+    """
+    from mmray.data.reader import iter_batches, load_manifest, read_split, spec_of
+
+    manifest = load_manifest(version_dir)
+    spec = spec_of(manifest)
+    device = resolve_device(cfg.train)
+    state = build_state(cfg, spec, device)
+    if checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_FILE).is_file():
+        load_checkpoint(state, checkpoint_dir)
+    columns = {s: read_split(version_dir, s) for s in ("train", "val", "test") if manifest["rows"].get(s)}
+
+    def batches(split: str, epoch: int):
+        seed = cfg.seed * 1000 + epoch if split == "train" else None
+        return iter_batches(columns[split], spec, cfg.train.batch_size, shuffle_seed=seed, device=device)
+
+    done = {"n": 0}
+
+    class _Stop(Exception):
+        pass
+
+    def report(epoch: int, metrics: dict, st: RunState) -> None:
+        if checkpoint_dir:
+            save_checkpoint(st, checkpoint_dir)
+        done["n"] += 1
+        if stop_after is not None and done["n"] >= stop_after:
+            raise _Stop
+
+    ctx = make_context(cfg.train, device)
+    splits = tuple(s for s in ("val", "test") if s in columns)
+    with contextlib.suppress(_Stop):
+        fit(cfg, state, batches, report, ctx, splits=splits)
+    return state.history

@@ -1,0 +1,158 @@
+"""Ray Train glue: one experiment as a `TorchTrainer` whose workers stream their Parquet shard.
+
+The loop itself is `mmray.train.loop.fit`; Ray touches it in four places, marked RAY below:
+the dataset shards, gradient/metric all-reduce across workers, the checkpoint restored on start
+(after a worker failure Ray restarts the group and hands back the latest one), and the per-epoch
+`ray.train.report`, which carries the checkpoint written by rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from mmray.data.reader import collate, load_manifest, ray_dataset, spec_of
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from mmray.config import ExperimentConfig, from_dict, to_dict
+from mmray.train.loop import (
+    CHECKPOINT_FILE,
+    RunState,
+    build_state,
+    fit,
+    load_checkpoint,
+    make_context,
+    resolve_device,
+    save_checkpoint,
+)
+
+SPLITS = ("train", "val", "test")
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    buf = t.to(backend_device, torch.float64)
+    dist.all_reduce(buf)
+    return buf.to(t.device, t.dtype)
+
+
+def _average_grads(module: nn.Module) -> None:
+    """Average gradients over workers in one flat all-reduce (a no-op with one worker).
+
+    One collective per step instead of one per parameter; unlike DDP it does not overlap with
+    backward, which is why it is only used when num_workers > 1.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. `config`: experiment (dict), version_dir, tracking."""
+    cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
+    version_dir = config["version_dir"]
+    manifest = load_manifest(version_dir)
+    spec = spec_of(manifest)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.device != "cpu" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        device = resolve_device(cfg.train) if cfg.train.device != "auto" else torch.device("cpu")
+
+    state = build_state(cfg, spec, device)
+    checkpoint = ray.train.get_checkpoint()  # RAY: the latest checkpoint after a restart
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            load_checkpoint(state, folder)
+
+    tracker = None
+    if rank == 0 and config.get("tracking"):
+        from mmray.tracking.mlflow_log import EpochLogger
+
+        tracker = EpochLogger(**config["tracking"])
+
+    shards = {s: ray.train.get_dataset_shard(s) for s in SPLITS if manifest["rows"].get(s)}  # RAY
+
+    def batches(split: str, epoch: int):
+        shuffle = split == "train" and cfg.train.shuffle_buffer > 0
+        it = shards[split].iter_batches(
+            batch_size=cfg.train.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer if shuffle else None,
+            local_shuffle_seed=cfg.seed * 1000 + epoch if shuffle else None,
+        )
+        return (collate(b, spec, device) for b in it)
+
+    def report(epoch: int, metrics: dict, st: RunState) -> None:
+        if tracker:
+            tracker.log(metrics, epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Checkpoint.from_directory(save_checkpoint(st, tmp).parent) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)  # RAY: a barrier, every rank calls it
+
+    ctx = make_context(cfg.train, device, sync_grads=_average_grads)
+    ctx.batches_per_epoch = max(1, math.ceil(manifest["rows"]["train"] / world / cfg.train.batch_size))
+    splits = tuple(s for s in ("val", "test") if s in shards)
+    if state.epoch >= cfg.train.epochs and state.history:
+        # Restored a finished run (e.g. a resumed sweep): nothing to train, report the final state.
+        report(state.epoch - 1, state.history[-1], state)
+        return
+    fit(cfg, state, batches, report, ctx, reduce=_all_reduce_sum, splits=splits)
+
+
+def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, storage_path: str,
+                  tracking: dict | None = None, callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer for one experiment. The same `name` + `storage_path` resumes that run."""
+    manifest = load_manifest(version_dir)
+    datasets = {s: ray_dataset(version_dir, s) for s in SPLITS if manifest["rows"].get(s)}
+    use_gpu = cfg.train.device == "cuda" or (
+        cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "version_dir": str(version_dir),
+                           "tracking": tracking},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            callbacks=callbacks or [],
+        ),
+        datasets=datasets,
+    )
+
+
+def final_state(result) -> dict:
+    """Load the final checkpoint's run history (metrics of every epoch) from a Train result."""
+    if result.checkpoint is None:
+        return {}
+    with result.checkpoint.as_directory() as folder:
+        sd = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    return {"epoch": sd["epoch"], "history": sd["history"]}

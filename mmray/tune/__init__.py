@@ -1,0 +1,1 @@
+"""Grid expansion, the per-cell Optuna searcher, and the Ray Tune sweep."""

@@ -1,0 +1,159 @@
+"""An ablation sweep: the grid through Ray Tune, each trial a Ray Train run, all in MLflow.
+
+Each Tune trial is a small function (the trial "driver") that reserves one `trial_slot` custom
+resource rather than a CPU, builds a `TorchTrainer` named after the trial and calls `fit()`;
+`TuneReportCallback` forwards the Train run's metrics to Tune. `Tuner(TorchTrainer(...))` is not
+supported by Ray Train V2, hence this pattern.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mmray.config import (
+    AblationConfig,
+    ExperimentConfig,
+    config_hash,
+    flatten,
+    from_dict,
+    set_path,
+    to_dict,
+)
+from mmray.ray_utils import TRIAL_SLOT
+from mmray.tracking import mlflow_log as ml
+from mmray.tune.search import CellSearcher, expand_grid
+
+
+def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:
+    exp = copy.deepcopy(base)
+    for key, value in {**cell, **params}.items():
+        set_path(exp, key, value)
+    return from_dict(ExperimentConfig, exp)
+
+
+def trial_tags(cfg: ExperimentConfig, context: dict, trial: str) -> dict[str, str]:
+    return {
+        ml.TRIAL_TAG: trial,
+        "method": cfg.method.name,
+        "fusion": cfg.method.fusion,
+        "dataset": cfg.data.dataset,
+        "seed": str(cfg.seed),
+        "git_commit": context["git_commit"],
+        "config_hash": config_hash(cfg),
+        "data_version": context["data_version"],
+    }
+
+
+def run_trial(config: dict, context: dict) -> None:
+    """The Tune function trainable: one grid cell sample, trained as one Ray Train run."""
+    from mmray.train.ray_train import build_trainer  # imported in the trial process only
+
+    trial = config["trial"]
+    cfg = trial_experiment(context["base"], config["cell"], config["params"])
+    client = MlflowClient(context["tracking_uri"])
+    params = flatten(to_dict(cfg))
+    params.update({f"grid.{k}": v for k, v in config["cell"].items()})
+    run_id, status = ml.child_run(client, context["experiment_id"], context["parent_id"], trial,
+                                  params, trial_tags(cfg, context, trial))
+    if status == "FINISHED":
+        # Finished before an interruption: report what MLflow holds, train nothing again.
+        tune.report({**ml.final_metrics(client, run_id), "mlflow_run_id": run_id})
+        return
+    trainer = build_trainer(cfg, context["version_dir"], name=trial,
+                            storage_path=context["train_storage"],
+                            tracking={"uri": context["tracking_uri"], "run_id": run_id},
+                            callbacks=[TuneReportCallback()])
+    try:
+        trainer.fit()
+    except BaseException:
+        ml.finish(client, run_id, ok=False)
+        raise
+    ml.finish(client, run_id, ok=True)
+
+
+def concurrency(abl: AblationConfig, n_trials: int) -> int:
+    """Trials at once: the config's cap, else what the cluster's CPUs, GPUs and slots fit."""
+    if abl.resources.max_concurrent_trials:
+        return min(abl.resources.max_concurrent_trials, n_trials)
+    res = ray.cluster_resources()
+    t = abl.experiment.train
+    fits = [math.floor(res.get("CPU", 1) / (t.num_workers * t.cpus_per_worker)),
+            int(res.get(TRIAL_SLOT, 1))]
+    if t.device == "cuda" or (t.device == "auto" and res.get("GPU", 0) > 0):
+        fits.append(math.floor(res.get("GPU", 0) / t.num_workers))
+    return max(1, min(n_trials, *fits))
+
+
+@dataclass
+class SweepResult:
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    sweep_dir: str
+    num_trials: int
+    num_errors: int
+
+
+def run_sweep(abl: AblationConfig, version_dir: str, data_version: str, *, resume: bool = False,
+              tracking_uri: str | None = None, workdir: str | Path | None = None) -> SweepResult:
+    """Run (or with `resume`, finish) the ablation's sweep; Ray must be initialised."""
+    workdir = Path(workdir or ".").resolve()
+    storage = abl.storage_path if "://" in abl.storage_path else str((workdir / abl.storage_path).resolve())
+    sweep_dir = f"{storage}/{abl.name}"
+    uri = tracking_uri or ml.resolve_tracking_uri(abl.experiment.tracking.uri, workdir)
+    client = MlflowClient(uri)
+    exp_id = ml.ensure_experiment(client, abl.experiment.tracking.experiment or abl.name,
+                                  ml.artifact_root_for(uri, workdir))
+
+    exists = "://" not in sweep_dir and Path(sweep_dir).exists()
+    if exists and not resume:
+        raise FileExistsError(
+            f"a sweep named {abl.name!r} already exists at {sweep_dir}; pass --resume to finish it, "
+            "or set name=... or storage_path=... to start a new one")
+    parent_id = ml.start_parent(client, exp_id, sweep_dir, abl.name,
+                                params={**flatten(to_dict(abl.experiment)),
+                                        **{f"grid.{k}": v for k, v in abl.grid.items()}},
+                                tags={"ablation": abl.name, "git_commit": ml.git_commit(),
+                                      "data_version": data_version, "config_hash": config_hash(abl)})
+    context = {
+        "base": to_dict(abl.experiment), "version_dir": str(version_dir), "data_version": data_version,
+        "train_storage": f"{sweep_dir}/train", "tracking_uri": uri, "experiment_id": exp_id,
+        "parent_id": parent_id, "git_commit": ml.git_commit(),
+    }
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_SLOT: 1})
+    cells = expand_grid(abl.grid)
+    n_trials = len(cells) * abl.search.num_samples
+    if resume and tune.Tuner.can_restore(sweep_dir):
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if exists:  # a folder without a restorable state: an interrupted very first start
+            shutil.rmtree(sweep_dir)
+        searcher = CellSearcher(cells, abl.search.space, abl.search.num_samples,
+                                metric=abl.search.metric, mode=abl.search.mode,
+                                seed=abl.experiment.seed)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=n_trials,
+                max_concurrent_trials=concurrency(abl, n_trials),
+                trial_name_creator=lambda t: t.config["trial"],
+                trial_dirname_creator=lambda t: t.config["trial"],
+            ),
+            run_config=tune.RunConfig(name=abl.name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    grid = tuner.fit()
+    errors = sum(1 for r in grid if r.error is not None)
+    ml.finish(client, parent_id, ok=errors == 0)
+    return SweepResult(exp_id, parent_id, uri, sweep_dir, len(grid), errors)

@@ -1,0 +1,36 @@
+"""Print and write the results table of an ablation's latest sweep, from MLflow.
+
+    python pipelines/report.py --config configs/ablations/demo.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mmray.cli import ConfigError, config_parser, fail
+from mmray.config import AblationConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = config_parser(__doc__.splitlines()[0], "configs/ablations/demo.yaml")
+    p.add_argument("--report-dir", default="reports")
+    args = p.parse_args(argv)
+    from mlflow.tracking import MlflowClient
+
+    from mmray.report import latest_parent, write_report
+    from mmray.tracking.mlflow_log import resolve_tracking_uri
+
+    try:
+        abl: AblationConfig = load_config(args.config, args.overrides, cls=AblationConfig)
+        client = MlflowClient(resolve_tracking_uri(abl.experiment.tracking.uri))
+        exp_id, parent = latest_parent(client, abl.experiment.tracking.experiment or abl.name)
+    except (ConfigError, KeyError) as e:
+        return fail(e)
+    print(write_report(client, exp_id, parent, Path(args.report_dir) / abl.name,
+                       abl.search.metric, abl.search.mode))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

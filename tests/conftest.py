@@ -1,0 +1,45 @@
+"""Shared fixtures. Ray is started once per session and only by the tests that need it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+
+# Unix socket paths under Ray's temp dir must stay short (108 bytes), so not under tmp_path.
+RAY_TMP = tempfile.mkdtemp(prefix="mmray-ray-", dir="/tmp")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, resources={"trial_slot": 2}, include_dashboard=False,
+                 _temp_dir=RAY_TMP, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(RAY_TMP, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking(monkeypatch):
+    # Tests choose their own MLflow store; never write into one named by the caller's shell.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(ray_local, tmp_path_factory):
+    """A tiny synthetic audio-image dataset, preprocessed once: (experiment config, Prepared)."""
+    from mmray.cli import SMOKE_OVERRIDES, prepare_data
+    from mmray.config import load_config
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=96", "train.epochs=3",
+                             f"data.root={root / 'raw'}", f"data.data_dir={root / 'shards'}"])
+    return cfg, prepare_data(cfg.data)

@@ -1,0 +1,114 @@
+"""Config validation: every error names its key and what is accepted; every YAML loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmray.config import (
+    AblationConfig,
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    flatten,
+    load_config,
+    parse_overrides,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def _errors(overrides, cls=ExperimentConfig, path=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides, cls=cls)
+    return str(e.value)
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None)
+    assert cfg.method.name == "normal" and cfg.data.dataset == "synthetic"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=-1", "train.lr: -1.0 is out of range; accepted: (0.0, 10.0]"),
+    ("train.epochs=x", "train.epochs: expected an integer, got 'x'"),
+    ("train.optimizer=lbfgs", "train.optimizer: 'lbfgs' is not accepted; accepted: one of 'sgd', 'adam', 'adamw'"),
+    ("method.name=nope", "method.name: unknown method 'nope'; known: ['normal'"),
+    ("data.dataset=nope", "data.dataset: unknown dataset 'nope'; known: ["),
+    ("bogus.key=1", "bogus: unknown key; known: ["),
+    ("train.bogus=1", "train.bogus: unknown key; known: ["),
+    ("method.fusion=avg", "method.fusion: 'avg' is not accepted; accepted: one of 'concat', 'sum'"),
+    ("data.synthetic.strength={audio: 1.5, image: 0.5}", "data.synthetic.strength.audio: 1.5 is outside [0, 1]"),
+    ("method.options={gamma: 1}", "method.options.gamma: unknown key"),
+    ("train.mixed_precision=1", "train.mixed_precision: expected true or false, got 1"),
+])
+def test_each_error_names_the_key(override, expected):
+    assert expected in _errors([override])
+
+
+def test_errors_are_gathered_into_one_message():
+    msg = _errors(["train.lr=-1", "train.epochs=0", "method.name=nope"])
+    assert "train.lr" in msg and "train.epochs" in msg and "method.name" in msg
+
+
+def test_ablation_grid_values_are_validated_before_any_work():
+    msg = _errors(["grid={method.fusion: [concat, avg], seed: [0]}"], cls=AblationConfig)
+    assert "grid.method.fusion='avg'" in msg and "accepted: one of 'concat', 'sum'" in msg
+    msg = _errors(["grid={train.lr: [0.1, -2.0]}"], cls=AblationConfig)
+    assert "grid.train.lr=-2.0" in msg and "out of range" in msg
+
+
+def test_search_space_keys_must_exist():
+    msg = _errors(["search.space={train.lrr: {type: loguniform, low: 0.001, high: 0.1}}"],
+                  cls=AblationConfig)
+    assert "search.space.train.lrr: not a key of the experiment config" in msg
+    msg = _errors(["search.space={train.lr: {type: loguniform, low: 0, high: 0.1}}"], cls=AblationConfig)
+    assert "loguniform range needs low > 0" in msg
+
+
+def test_ablation_overrides_reach_the_experiment():
+    abl = load_config(CONFIGS / "ablations/demo.yaml", ["train.epochs=7", "grid.seed=[3]"],
+                      cls=AblationConfig)
+    assert abl.experiment.train.epochs == 7 and abl.grid["seed"] == [3]
+
+
+def test_includes_merge_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {epochs: 5, lr: 0.5}\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\ntrain: {epochs: 9}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.train.epochs == 9 and cfg.train.lr == 0.5
+
+
+def test_missing_include_and_file_are_named(tmp_path):
+    (tmp_path / "b.yaml").write_text("include: [nope.yaml]\n")
+    assert "nope.yaml not found" in _errors([], path=tmp_path / "b.yaml")
+    assert "config file not found" in _errors([], path=tmp_path / "absent.yaml")
+
+
+def test_overrides_parse_as_yaml():
+    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=true", "e=x"]) == [
+        ("a.b", 3), ("c", [1, 2]), ("d", True), ("e", "x")]
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_overrides(["novalue"])
+
+
+def test_hash_and_flatten_are_stable():
+    a, b = load_config(None), load_config(None)
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(load_config(None, ["seed=1"]))
+    flat = flatten({"train": {"lr": 0.1}, "grid": {}})
+    assert flat == {"train.lr": 0.1, "grid": {}}
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_yaml_loads(path):
+    cls = AblationConfig if path.parent.name == "ablations" else ExperimentConfig
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert any("Run: " in line for line in header), f"{path}: the header comment must give the command"
+    load_config(path, cls=cls)

@@ -1,0 +1,96 @@
+"""Late fusion (METHODS.md §1) and the Normal baseline, in plain torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmray.config import MethodConfig, ModelConfig
+from mmray.data.spec import DatasetSpec, ModalitySpec
+from mmray.methods import METHODS, StepContext, build_method
+from mmray.modules.fusion import LateFusion
+
+SPEC = DatasetSpec("toy", {"audio": ModalitySpec("audio", (1, 12, 8)),
+                           "image": ModalitySpec("image", (3, 8, 8))}, num_classes=3)
+SPEC3 = DatasetSpec("toy3", {**SPEC.modalities, "text": ModalitySpec("text", (6,), vocab_size=50)},
+                    num_classes=3)
+ML_SPEC = DatasetSpec("ml", SPEC.modalities, num_classes=4, multilabel=True)
+
+
+def make_batch(spec: DatasetSpec, b: int = 6, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for m, s in spec.modalities.items():
+        if s.kind == "text":
+            inputs[m] = torch.randint(0, s.vocab_size, (b, *s.shape), generator=g)
+        else:
+            inputs[m] = torch.randn(b, *s.shape, generator=g)
+    label = (torch.randint(0, 2, (b, spec.num_classes), generator=g).float() if spec.multilabel
+             else torch.randint(0, spec.num_classes, (b,), generator=g))
+    return {"inputs": inputs, "present": {m: torch.ones(b, dtype=torch.bool) for m in spec.modalities},
+            "label": label, "id": [f"s{i}" for i in range(b)]}
+
+
+def test_concat_per_modality_logits_follow_the_formula():
+    torch.manual_seed(0)
+    head = LateFusion({"a": 3, "v": 2}, num_classes=4, mode="concat")
+    ha, hv = torch.randn(5, 3), torch.randn(5, 2)
+    fused, per = head({"a": ha, "v": hv})
+    W, b = head.fc.weight, head.fc.bias
+    torch.testing.assert_close(fused, torch.cat([ha, hv], 1) @ W.T + b)
+    torch.testing.assert_close(per["a"], ha @ W[:, :3].T + b / 2)
+    torch.testing.assert_close(per["v"], hv @ W[:, 3:].T + b / 2)
+    torch.testing.assert_close(per["a"] + per["v"], fused)
+
+
+def test_sum_fusion_is_sum_of_blocks():
+    torch.manual_seed(0)
+    head = LateFusion({"a": 3, "v": 2, "t": 4}, num_classes=2, mode="sum")
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.3, -0.6]))
+    feats = {"a": torch.randn(4, 3), "v": torch.randn(4, 2), "t": torch.randn(4, 4)}
+    fused, per = head(feats)
+    expected = sum(feats[m] @ head.fcs[m].weight.T for m in feats) + head.bias
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(per["t"], feats["t"] @ head.fcs["t"].weight.T + head.bias / 3)
+
+
+@pytest.mark.parametrize("spec", [SPEC, SPEC3], ids=["2mod", "3mod"])
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_a_step(name, fusion, spec):
+    torch.manual_seed(0)
+    method = build_method(spec, ModelConfig(width=4, feature_dim=8), MethodConfig(name, fusion))
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    batch = make_batch(spec)
+    before = [p.detach().clone() for p in method.parameters()]
+    logs = method.train_step(batch, opt, StepContext(device=torch.device("cpu")))
+    assert torch.isfinite(logs["loss"])
+    assert any(not torch.equal(a, p) for a, p in zip(before, method.parameters()))
+    out = method.predict(batch)
+    assert out.logits.shape == (6, spec.num_classes)
+    assert set(out.per_modality) == set(spec.modalities)
+
+
+def test_missing_modality_features_are_zeroed():
+    method = build_method(SPEC, ModelConfig(width=4, feature_dim=8), MethodConfig("normal"))
+    method.eval()
+    batch = make_batch(SPEC)
+    batch["present"]["image"][:3] = False
+    feats = method.features(batch)
+    assert torch.all(feats["image"][:3] == 0) and torch.any(feats["image"][3:] != 0)
+
+
+def test_losses_single_and_multilabel():
+    m1 = build_method(SPEC, ModelConfig(width=4, feature_dim=8), MethodConfig("normal"))
+    logits, label = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    torch.testing.assert_close(m1.criterion(logits, label), F.cross_entropy(logits, label))
+    m2 = build_method(ML_SPEC, ModelConfig(width=4, feature_dim=8), MethodConfig("normal"))
+    logits, y = torch.randn(4, 4), torch.randint(0, 2, (4, 4)).float()
+    torch.testing.assert_close(m2.criterion(logits, y), F.binary_cross_entropy_with_logits(logits, y))
+
+
+def test_unknown_method_names_the_known_ones():
+    with pytest.raises(KeyError, match=r"unknown method 'x'; known: \['normal'"):
+        build_method(SPEC, ModelConfig(), MethodConfig("x"))
