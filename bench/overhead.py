@@ -28,7 +28,6 @@ import torch
 def bare_loop(cfg, version_dir: str) -> float:
     """Plain torch: the method's forward + CE + SGD step, a val pass per epoch; nothing else."""
     from mmray.data.reader import iter_batches, load_manifest, read_split, spec_of
-
     from mmray.methods import build_method
 
     spec = spec_of(load_manifest(version_dir))

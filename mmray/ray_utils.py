@@ -21,12 +21,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, trial_slot
     if ray.is_initialized():
         return ray.cluster_resources()
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"runtime_env": {"env_vars": {"PYTHONUNBUFFERED": "1"}}}
+    env = {"runtime_env": {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}}
     if address:
         # Under `ray job submit` resources are the cluster's: passing num_cpus here raises.
         ray.init(address=address, log_to_driver=True, **env)
     else:
         cpus = num_cpus or os.cpu_count() or 1
         ray.init(num_cpus=cpus, resources={TRIAL_SLOT: trial_slots or cpus},
-                 include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True, **env)
+                 # The dashboard serves the State API, which Ray Train uses to free a stopped
+                 # trial's placement group; bound to loopback.
+                 include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir,
+                 log_to_driver=True, **env)
     return ray.cluster_resources()

@@ -16,7 +16,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, resources={"trial_slot": 2}, include_dashboard=False,
+        ray.init(num_cpus=2, resources={"trial_slot": 2}, include_dashboard=True, dashboard_host="127.0.0.1",
                  _temp_dir=RAY_TMP, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -17,12 +17,12 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from mmray.data.reader import collate, load_manifest, ray_dataset, spec_of
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
 from mmray.config import ExperimentConfig, from_dict, to_dict
+from mmray.data.reader import collate, load_manifest, ray_dataset, spec_of
 from mmray.train.loop import (
     CHECKPOINT_FILE,
     RunState,

@@ -37,3 +37,29 @@ class Source:
 
     def root(self, cfg: DataConfig) -> Path:
         return Path(cfg.root).expanduser().resolve()
+
+    def index_files(self, cfg: DataConfig) -> list[Path]:
+        """Files that list the samples (CSV, JSON lines, ...): hashed into the data version."""
+        return []
+
+
+def feature_shapes(kinds: dict[str, str], cfg: DataConfig) -> dict:
+    """ModalitySpec per modality, with the exact shapes the featurizers produce under `cfg`."""
+    import numpy as np
+    from PIL import Image
+
+    from mmray.data.features import audio_features, image_features
+    from mmray.data.spec import ModalitySpec
+
+    out = {}
+    for m, kind in kinds.items():
+        if kind == "audio":
+            wave = np.zeros(int(round(cfg.audio.sample_rate * cfg.audio.seconds)), np.float32)
+            out[m] = ModalitySpec("audio", audio_features(wave, cfg.audio).shape)
+        elif kind == "image":
+            out[m] = ModalitySpec("image", image_features(Image.new("RGB", (8, 8)), cfg.image).shape)
+        elif kind == "text":
+            out[m] = ModalitySpec("text", (cfg.text.max_tokens,), vocab_size=cfg.text.vocab_size)
+        else:
+            raise ValueError(f"modality {m!r}: kind {kind!r} has no featurizer")
+    return out

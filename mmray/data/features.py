@@ -1,0 +1,93 @@
+"""Decoding and featurizing raw files: pure functions, no Ray, so they are testable and reusable.
+
+Every decode error names the file it came from.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from PIL import Image
+
+from mmray.config import AudioFeatures, ImageFeatures, TextFeatures
+
+
+def load_audio(path: str | Path, sample_rate: int, seconds: float) -> np.ndarray:
+    """Mono float32 waveform at `sample_rate`, cropped from the start or zero-padded to `seconds`."""
+    try:
+        wave, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, ... by format
+        raise ValueError(f"cannot read audio file {path}: {e}") from None
+    wave = wave.mean(axis=1)
+    if sr != sample_rate:
+        wave = torchaudio.functional.resample(torch.from_numpy(wave), sr, sample_rate).numpy()
+    n = int(round(sample_rate * seconds))
+    out = np.zeros(n, dtype=np.float32)
+    out[: min(n, len(wave))] = wave[:n]
+    return out
+
+
+def audio_features(wave: np.ndarray, cfg: AudioFeatures) -> np.ndarray:
+    """(1, frames, bins) float32: Kaldi fbank, log-mel, or log-magnitude STFT, then normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    if cfg.kind == "fbank":
+        ms = 1000.0 / cfg.sample_rate
+        feats = torchaudio.compliance.kaldi.fbank(
+            x.unsqueeze(0), sample_frequency=cfg.sample_rate, num_mel_bins=cfg.n_mels,
+            frame_length=cfg.n_fft * ms, frame_shift=cfg.hop_length * ms, dither=0.0,
+            htk_compat=True, use_energy=False, window_type="hanning")
+    elif cfg.kind == "logmel":
+        mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft,
+                                                   hop_length=cfg.hop_length, n_mels=cfg.n_mels)
+        feats = torch.log(mel(x) + 1e-6).T
+    else:
+        spec = torch.stft(x, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+                          window=torch.hann_window(cfg.n_fft), return_complex=True)
+        feats = torch.log(spec.abs() + 1e-6).T
+    feats = (feats - cfg.mean) / cfg.std
+    return feats.unsqueeze(0).numpy().astype(np.float32)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ValueError(f"cannot read image file {path}: {e}") from None
+
+
+def image_features(img: Image.Image, cfg: ImageFeatures) -> np.ndarray:
+    """(3, size, size) float32: bilinear resize, scale to [0, 1], normalise per channel."""
+    img = img.resize((cfg.size, cfg.size), Image.BILINEAR)
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def tokenize(text: str, cfg: TextFeatures) -> np.ndarray:
+    """(max_tokens,) int64 ids: a stable hash (crc32) of each lower-cased word into [1, vocab).
+
+    Python's own `hash` is salted per process and would give every worker different ids.
+    """
+    ids = [1 + zlib.crc32(w.encode()) % (cfg.vocab_size - 1) for w in _WORD.findall(text.lower())]
+    out = np.zeros(cfg.max_tokens, dtype=np.int64)
+    ids = ids[: cfg.max_tokens]
+    out[: len(ids)] = ids
+    return out
+
+
+def read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read text file {path}: {e}") from None

@@ -1,0 +1,208 @@
+"""Ray Data preprocessing: raw dataset -> versioned Parquet shards per split + manifest.json.
+
+    <data_dir>/<dataset>/<version>/{train,val,test}/*.parquet
+    <data_dir>/<dataset>/<version>/manifest.json
+
+The version is a hash of the source, every preprocessing parameter and a fingerprint of the
+inputs (each file's relative path and size, the index files' SHA-256), so the same inputs and
+parameters are a cache hit and anything else is a new version beside the old one. Shards are
+written into a temporary sibling folder that is renamed into place only when complete: a failed
+or interrupted run leaves nothing that looks like a version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmray.config import DataConfig
+from mmray.data.sources import Item, get_source
+from mmray.data.spec import DatasetSpec
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Prepared:
+    version_dir: Path
+    manifest: dict
+    cache_hit: bool
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _params(cfg: DataConfig, spec: DatasetSpec) -> dict:
+    """Every parameter that changes what the shards hold."""
+    kinds = {m: s.kind for m, s in spec.modalities.items()}
+    used = {k: asdict(getattr(cfg, k)) for k in ("audio", "image", "text") if k in kinds.values()}
+    return {"modalities": kinds, **used, "skip_corrupt": cfg.skip_corrupt}
+
+
+def _fingerprint(source, cfg: DataConfig, items: list[Item]) -> dict:
+    root = source.root(cfg)
+    h = hashlib.sha256()
+    for item in items:
+        for path in sorted(item.files.values()):
+            p = Path(path)
+            size = p.stat().st_size if p.exists() else -1
+            rel = os.path.relpath(p, root)
+            h.update(f"{rel}\0{size}\n".encode())
+        for m, text in sorted(item.inline.items()):
+            h.update(f"{item.id}\0{m}\0{text}\n".encode())
+    return {"files": h.hexdigest(), "index": {str(p.relative_to(root)): _sha256(p)
+                                               for p in source.index_files(cfg)}}
+
+
+def _version(source_name: str, root: Path, params: dict, fingerprint: dict) -> str:
+    blob = json.dumps({"source": source_name, "root": str(root), "params": params,
+                       "inputs": fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def valid_manifest(version_dir: Path) -> dict | None:
+    try:
+        manifest = json.loads((version_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("version") == version_dir.name else None
+
+
+class Featurizer:
+    """A Ray Data actor: decodes and featurizes a batch of raw items; errors become rows."""
+
+    def __init__(self, spec: dict, cfg: dict):
+        import torch
+
+        from mmray.config import from_dict
+
+        torch.set_num_threads(1)  # one core per actor; parallelism comes from the actor pool
+        self.spec = DatasetSpec.from_dict(spec)
+        self.cfg = from_dict(DataConfig, cfg)
+
+    def _one(self, m: str, path: str, inline: str) -> np.ndarray:
+        from mmray.data import features as F
+
+        kind = self.spec.modalities[m].kind
+        if kind == "audio":
+            wave = F.load_audio(path, self.cfg.audio.sample_rate, self.cfg.audio.seconds)
+            return F.audio_features(wave, self.cfg.audio)
+        if kind == "image":
+            return F.image_features(F.load_image(path), self.cfg.image)
+        return F.tokenize(inline if not path else F.read_text(path), self.cfg.text)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        out = {k: batch[k] for k in ("id", "split", "label")}
+        errors = [""] * n
+        for m, ms in self.spec.modalities.items():
+            dtype = np.int64 if ms.kind == "text" else np.float32
+            col = np.zeros((n, *ms.shape), dtype=dtype)
+            for i in range(n):
+                try:
+                    col[i] = self._one(m, batch[f"file_{m}"][i], batch[f"inline_{m}"][i])
+                except Exception as e:  # one bad file must not abort the batch; reported below
+                    errors[i] = errors[i] or f"{batch[f'file_{m}'][i] or m}: {e}"
+            out[m] = col
+        out["error"] = np.asarray(errors, dtype=object)
+        return out
+
+
+def _rows(items: list[Item], spec: DatasetSpec) -> list[dict]:
+    rows = []
+    for it in items:
+        row = {"id": it.id, "split": it.split,
+               "label": np.asarray(it.label, np.float32) if spec.multilabel else int(it.label)}
+        for m in spec.modalities:
+            row[f"file_{m}"] = it.files.get(m, "")
+            row[f"inline_{m}"] = it.inline.get(m, "")
+        rows.append(row)
+    return rows
+
+
+def _featurize(items: list[Item], spec: DatasetSpec, cfg: DataConfig):
+    import ray
+
+    from mmray.ray_utils import init_ray
+
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same inputs -> same row order in the shards
+    ctx.enable_progress_bars = False
+    n_blocks = max(cfg.parallelism, -(-len(items) // cfg.batch_rows))
+    ds = ray.data.from_items(_rows(items, spec), override_num_blocks=n_blocks)
+    # 0.5 CPU per actor: actors x CPUs must stay below the machine's CPUs or the tasks that feed
+    # them never get scheduled (a deadlock seen on 2 cores).
+    return ds.map_batches(Featurizer, fn_constructor_kwargs={"spec": spec.to_dict(), "cfg": asdict(cfg)},
+                          concurrency=cfg.parallelism, num_cpus=0.5, batch_size=cfg.batch_rows,
+                          batch_format="numpy").materialize()
+
+
+def _write_split(ds, split: str, folder: Path, cfg: DataConfig) -> None:
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = (batch["split"] == split) & (batch["error"] == "")
+        return {k: v[mask] for k, v in batch.items() if k not in ("split", "error")}
+
+    ds.map_batches(keep, batch_format="numpy", batch_size=None).write_parquet(
+        str(folder / split), min_rows_per_file=cfg.rows_per_file, max_rows_per_file=cfg.rows_per_file)
+
+
+def preprocess(cfg: DataConfig, *, force: bool = False) -> Prepared:
+    """Featurize the dataset into shards (or find them cached); raise naming every bad file."""
+    import pyarrow.parquet as pq
+
+    source = get_source(cfg.dataset)
+    items = source.items(cfg)
+    if not items:
+        raise ValueError(f"{source.root(cfg)}: the {cfg.dataset} source found no samples")
+    spec = source.spec(cfg)
+    params = _params(cfg, spec)
+    fingerprint = _fingerprint(source, cfg, items)
+    version = _version(source.name, source.root(cfg), params, fingerprint)
+    base = Path(cfg.data_dir).expanduser().resolve() / cfg.dataset
+    target = base / version
+    if not force and (manifest := valid_manifest(target)):
+        return Prepared(target, manifest, cache_hit=True)
+
+    ds = _featurize(items, spec, cfg)
+    bad = ds.filter(lambda r: r["error"] != "").select_columns(["id", "error"]).take_all()
+    if bad and not cfg.skip_corrupt:
+        listing = "\n  ".join(r["error"] for r in bad)
+        raise ValueError(f"{len(bad)} input file(s) of {cfg.dataset} at {source.root(cfg)} could "
+                         f"not be read (set data.skip_corrupt=true to skip them):\n  {listing}")
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
+    try:
+        for split in SPLITS:
+            if any(it.split == split for it in items):
+                _write_split(ds, split, tmp, cfg)
+        files = sorted(p for p in tmp.rglob("*.parquet"))
+        rows = {s: sum(pq.ParquetFile(p).metadata.num_rows for p in files if p.parent.name == s)
+                for s in SPLITS}
+        manifest = {
+            "source": source.name, "root": str(source.root(cfg)), "version": version,
+            "params": params, "inputs": fingerprint, "spec": spec.to_dict(),
+            "rows": {s: n for s, n in rows.items() if n},
+            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+            "skipped": [{"id": r["id"], "error": r["error"]} for r in bad],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if target.exists():  # a folder without a valid manifest (or --force): replace it whole
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Prepared(target, manifest, cache_hit=False)
