@@ -31,7 +31,7 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config{where}:\n  - " + "\n  - ".join(errors))
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
+def bounds(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
     return {"range": (lo, hi, lo_open)}
 
 
@@ -45,8 +45,8 @@ class SyntheticConfig:
     """The synthetic dataset `mmray.data.synthetic` writes (used by the demo and the tests)."""
 
     # Samples over all splits.
-    num_samples: int = field(default=600, metadata=_range(6))
-    num_classes: int = field(default=4, metadata=_range(2, 1000))
+    num_samples: int = field(default=600, metadata=bounds(6))
+    num_classes: int = field(default=4, metadata=bounds(2, 1000))
     # Which modalities to write, 2 or 3 of audio (WAV), image (PNG), text (TXT).
     modalities: list[Literal["audio", "image", "text"]] = field(
         default_factory=lambda: ["audio", "image"]
@@ -55,14 +55,14 @@ class SyntheticConfig:
     # own class's pattern (the rest carry a random class's pattern). 1 = clean, 0 = no signal.
     strength: dict[str, float] = field(default_factory=lambda: {"audio": 0.9, "image": 0.5})
     # Std of the additive noise relative to the pattern amplitude.
-    noise: float = field(default=0.5, metadata=_range(0.0, 10.0))
+    noise: float = field(default=0.5, metadata=bounds(0.0, 10.0))
     # Fractions of train / val / test; must sum to 1.
     splits: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    sample_rate: int = field(default=8000, metadata=_range(1000, 192000))
-    audio_seconds: float = field(default=0.5, metadata=_range(0.05, 60.0))
-    image_size: int = field(default=32, metadata=_range(8, 1024))
-    text_words: int = field(default=12, metadata=_range(1, 10000))
-    vocab_words: int = field(default=200, metadata=_range(10, 100000))
+    sample_rate: int = field(default=8000, metadata=bounds(1000, 192000))
+    audio_seconds: float = field(default=0.5, metadata=bounds(0.05, 60.0))
+    image_size: int = field(default=32, metadata=bounds(8, 1024))
+    text_words: int = field(default=12, metadata=bounds(1, 10000))
+    vocab_words: int = field(default=200, metadata=bounds(10, 100000))
     seed: int = 0
 
     def validate(self, path: str, errors: list[str]) -> None:
@@ -86,20 +86,20 @@ class SyntheticConfig:
 class AudioFeatures:
     # fbank: torchaudio Kaldi filterbank; logmel: log mel spectrogram; stft: log-magnitude STFT.
     kind: Literal["fbank", "logmel", "stft"] = "fbank"
-    sample_rate: int = field(default=8000, metadata=_range(1000, 192000))
+    sample_rate: int = field(default=8000, metadata=bounds(1000, 192000))
     # Fixed-length crop (or zero pad) in seconds, taken from the start of the clip.
-    seconds: float = field(default=0.5, metadata=_range(0.05, 60.0))
-    n_mels: int = field(default=32, metadata=_range(4, 512))
-    n_fft: int = field(default=256, metadata=_range(16, 16384))
-    hop_length: int = field(default=128, metadata=_range(1, 16384))
+    seconds: float = field(default=0.5, metadata=bounds(0.05, 60.0))
+    n_mels: int = field(default=32, metadata=bounds(4, 512))
+    n_fft: int = field(default=256, metadata=bounds(16, 16384))
+    hop_length: int = field(default=128, metadata=bounds(1, 16384))
     # Per-feature normalisation after the transform: (x - mean) / std.
     mean: float = 0.0
-    std: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    std: float = field(default=1.0, metadata=bounds(0.0, None, lo_open=True))
 
 
 @dataclass
 class ImageFeatures:
-    size: int = field(default=32, metadata=_range(8, 1024))
+    size: int = field(default=32, metadata=bounds(8, 1024))
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -107,8 +107,8 @@ class ImageFeatures:
 @dataclass
 class TextFeatures:
     # Token ids are a stable hash of each lower-cased word into [1, vocab_size); 0 pads.
-    vocab_size: int = field(default=1024, metadata=_range(8, 10_000_000))
-    max_tokens: int = field(default=32, metadata=_range(1, 4096))
+    vocab_size: int = field(default=1024, metadata=bounds(8, 10_000_000))
+    max_tokens: int = field(default=32, metadata=bounds(1, 4096))
 
 
 @dataclass
@@ -125,10 +125,10 @@ class DataConfig:
     # Skip unreadable input files (counted and named in the manifest) instead of failing.
     skip_corrupt: bool = False
     # Featurizer actors run in parallel by Ray Data, and rows per map_batches call.
-    parallelism: int = field(default=2, metadata=_range(1, 4096))
-    batch_rows: int = field(default=64, metadata=_range(1, 1_000_000))
+    parallelism: int = field(default=2, metadata=bounds(1, 4096))
+    batch_rows: int = field(default=64, metadata=bounds(1, 1_000_000))
     # Rows per Parquet file (the unit of streaming and of worker sharding).
-    rows_per_file: int = field(default=256, metadata=_range(1, 10_000_000))
+    rows_per_file: int = field(default=256, metadata=bounds(1, 10_000_000))
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, path: str, errors: list[str]) -> None:
@@ -145,10 +145,10 @@ class ModelConfig:
     # Encoder family per modality kind; "small" = small CNN / embedding encoders for CPU runs.
     encoder: Literal["small"] = "small"
     # Width of every encoder's output feature h_m.
-    feature_dim: int = field(default=64, metadata=_range(1, 65536))
+    feature_dim: int = field(default=64, metadata=bounds(1, 65536))
     # Base channel count of the small CNN encoders.
-    width: int = field(default=16, metadata=_range(1, 4096))
-    dropout: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    width: int = field(default=16, metadata=bounds(1, 4096))
+    dropout: float = field(default=0.0, metadata=bounds(0.0, 1.0))
 
 
 @dataclass
@@ -173,27 +173,27 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=3, metadata=_range(1, 100_000))
-    batch_size: int = field(default=32, metadata=_range(1, 1_000_000))
+    epochs: int = field(default=3, metadata=bounds(1, 100_000))
+    batch_size: int = field(default=32, metadata=bounds(1, 1_000_000))
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = field(default=1e-3, metadata=_range(0.0, 10.0, lo_open=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0, 10.0))
-    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    lr: float = field(default=1e-3, metadata=bounds(0.0, 10.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=bounds(0.0, 10.0))
+    momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))
     scheduler: Literal["none", "step", "cosine"] = "none"
-    step_size: int = field(default=70, metadata=_range(1))
-    gamma: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
+    step_size: int = field(default=70, metadata=bounds(1))
+    gamma: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True))
     # Rows kept in each worker's local shuffle buffer (0 = file order).
-    shuffle_buffer: int = field(default=256, metadata=_range(0))
+    shuffle_buffer: int = field(default=256, metadata=bounds(0))
     # Ray Train workers for one run, and what each reserves.
-    num_workers: int = field(default=1, metadata=_range(1, 4096))
-    cpus_per_worker: float = field(default=1.0, metadata=_range(0.0, 1024.0, lo_open=True))
+    num_workers: int = field(default=1, metadata=bounds(1, 4096))
+    cpus_per_worker: float = field(default=1.0, metadata=bounds(0.0, 1024.0, lo_open=True))
     # auto: CUDA when the worker sees a GPU, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16 autocast; applied only on CUDA.
     mixed_precision: bool = True
     # Worker-group restarts (from the last checkpoint) before the run fails.
-    max_failures: int = field(default=2, metadata=_range(0))
-    checkpoints_to_keep: int = field(default=2, metadata=_range(1))
+    max_failures: int = field(default=2, metadata=bounds(0))
+    checkpoints_to_keep: int = field(default=2, metadata=bounds(1))
 
 
 @dataclass
@@ -240,7 +240,7 @@ class SearchConfig:
     # Experiment key paths (e.g. train.lr) and the ranges Optuna searches for each grid cell.
     space: dict[str, ParamRange] = field(default_factory=dict)
     # Optuna trials per grid cell (the same budget for every method).
-    num_samples: int = field(default=1, metadata=_range(1))
+    num_samples: int = field(default=1, metadata=bounds(1))
     # Metric that selects the best trial of a cell, and its direction.
     metric: str = "val/acc"
     mode: Literal["max", "min"] = "max"
@@ -249,7 +249,7 @@ class SearchConfig:
 @dataclass
 class ResourcesConfig:
     # Trials run at once; 0 = as many as the cluster's CPUs/GPUs fit.
-    max_concurrent_trials: int = field(default=0, metadata=_range(0))
+    max_concurrent_trials: int = field(default=0, metadata=bounds(0))
 
 
 @dataclass

@@ -5,10 +5,16 @@ from __future__ import annotations
 from mmray.config import MethodConfig, ModelConfig
 from mmray.data.spec import DatasetSpec
 from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.mla import MLA
 from mmray.methods.normal import Normal
+from mmray.methods.ogm_ge import OGMGE
+from mmray.methods.qmf import QMF
 
 METHODS: dict[str, type[Method]] = {
     Normal.name: Normal,
+    OGMGE.name: OGMGE,
+    QMF.name: QMF,
+    MLA.name: MLA,
 }
 
 

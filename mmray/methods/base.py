@@ -105,8 +105,26 @@ class Method(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ctx.sync_grads(self)
+        logs = {"loss": loss.detach(), **self.grad_norms()}
         optimizer.step()
-        return {"loss": loss.detach()}
+        return logs
+
+    def grad_norms(self) -> dict[str, torch.Tensor]:
+        """{"grad/<m>": L2 norm of encoder m's current gradients} (0 where it has none).
+
+        Call it right before `optimizer.step()`, so it reports the gradient the step applies. The
+        norms stay on the device: no host sync per step (the loop averages them once an epoch).
+        """
+        norms = {}
+        for m in self.modalities:
+            params = list(self.encoders[m].parameters())
+            grads = [p.grad.detach().float() for p in params if p.grad is not None]
+            if grads:
+                per_tensor = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                norms[f"grad/{m}"] = torch.linalg.vector_norm(per_tensor)
+            else:
+                norms[f"grad/{m}"] = torch.zeros((), device=params[0].device)
+        return norms
 
     # -- optimisation hooks -------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:

@@ -9,6 +9,7 @@ a checkpoint folder, which is what the tests use.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import tempfile
@@ -136,16 +137,13 @@ def train_epoch(state: RunState, batches: Iterable[Batch], ctx: StepContext) -> 
     method.train()
     method.on_epoch_start(ctx.epoch)
     logs: dict[str, list] = {}
-    n = 0
     for i, batch in enumerate(batches):
         ctx.batch_idx = i
         out = method.train_step(batch, state.optimizer, ctx)
         for k, v in out.items():
             logs.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
-        n += 1
     if state.scheduler is not None:
         state.scheduler.step()
-    ctx.batches_per_epoch = max(n, 1)
     metrics = {f"train/{k}": _mean(v) for k, v in logs.items()}
     metrics.update(method.epoch_metrics())
     return metrics
@@ -225,6 +223,7 @@ def run_local(cfg: ExperimentConfig, version_dir: str | Path, checkpoint_dir: st
             raise _Stop
 
     ctx = make_context(cfg.train, device)
+    ctx.batches_per_epoch = max(1, math.ceil(len(columns["train"]["id"]) / cfg.train.batch_size))
     splits = tuple(s for s in ("val", "test") if s in columns)
     with contextlib.suppress(_Stop):
         fit(cfg, state, batches, report, ctx, splits=splits)

@@ -1,0 +1,253 @@
+"""MLA: Multimodal Learning with Alternating Unimodal Adaptation (METHODS.md §4).
+
+Zhang, Yoon, Bansal, Yao. "Multimodal Representation Learning by Alternating Unimodal
+Adaptation", CVPR 2024. Reference code:
+https://github.com/Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation
+(`main.py`: `train_epoch` with `gs_flag`, `valid`, `calculate_gating_weights`;
+`utils/utils.py`: `GSPlugin`).
+
+One head g = Linear(d → C) is shared by every modality. Each batch runs every encoder once, then
+for m in a fixed order takes one optimizer step on loss_m = CE(g(h_m)) alone, so encoder φ_m only
+ever receives gradients from loss_m while the head learns from every modality in turn. To keep the
+head from forgetting the previous modalities it receives its weight gradient through an
+orthogonal-weight-modification projector P (P₀ = I_d, the bias is not projected):
+
+    ∇W_g ← ∇W_g Pᵀ;   then, with r = mean_batch(h_m) (1×d), α = 0.1^(1 + batch_idx / batches):
+    k = P rᵀ;  P ← P − k kᵀ / (α + r k);  P ← P / ‖P‖_F.
+
+At inference the unimodal logits z_m = g(h_m) are fused by fixed weights (z = Σ w_m z_m) or by
+test-time uncertainty: per sample e_m = −Σ_c p log p with p = softmax(z_m), w_m = softmax_m(−e_m).
+
+Order of projection and projector update: orthogonal weight modification protects what earlier
+inputs taught the head, so the P used at modality m's step is built from the features of the
+steps before it: mmray projects with the current P, steps, and only then adds the current
+modality's r to P. The very first step of training therefore sees P = I, as in the reference,
+which skips its first step. The reference's `GSPlugin.before_update` otherwise updates P with the
+current modality's r first and then projects, which also removes the current modality's own mean
+feature direction from its head update; `update_first: true` reproduces that order.
+
+Where mmray differs from the reference implementation:
+- The projection runs (`project: true`). In the reference's final commit `before_update` only acts
+  on a parameter named "module.weight", but it is handed the bare `nn.Linear` whose parameters are
+  "weight" and "bias", so the projection never runs; `project: false` reproduces that.
+- The reference divides by `alpha + torch.mm(k, r)`, the d×d outer product, element-wise (dead
+  code, see above); mmray uses the scalar α + r k of orthogonal weight modification.
+- P is sized from the head (`head.in_features`) and stored as a buffer, so it is checkpointed;
+  the reference hard-codes 512 and keeps P outside the model (lost on resume).
+- Dynamic fusion is per sample. The reference computes one entropy per modality per batch: a
+  softmax over the batch axis (dim 0) of the B×C logits and −Σ p log p summed over the whole
+  matrix, so a weight depends on the other samples and on the batch size; `batch_entropy: true`
+  reproduces it (w = softmax_m(−e_m), the same as its exp(max e − e_m) normalisation).
+- Fixed fusion weights are read per modality name (`fusion_weights`); empty gives equal weights.
+  The reference uses 0.55/0.45 for audio/visual and 0.35/0.25/0.4 for audio/visual/text.
+- Missing modalities: loss_m and r average over the samples where m is present, and the dynamic
+  rule gives an absent modality zero weight (the reference has no missing-modality path).
+- The optimizer steps each parameter only when it has a gradient (`zero_grad(set_to_none=True)`),
+  so an encoder's momentum and weight decay advance once per batch, at its own step. (The
+  reference deletes gradients only at the end of each batch; under PyTorch < 2.0, whose
+  `zero_grad` zeroed instead of deleting, an encoder was also stepped with a zero gradient at the
+  later modalities' steps.)
+- With several Ray Train workers the projection uses each worker's own P and runs before
+  `ctx.sync_grads`, so the averaged gradient, and hence the parameters, stay identical on every
+  worker; the checkpoint holds one worker's P.
+- `method.fusion` is not used: MLA has one shared head and fuses at the logit level.
+- The logged `loss` is the mean of the unimodal losses (the reference logs the fixed-weight mix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmray.config import MethodConfig, ModelConfig
+from mmray.data.spec import DatasetSpec
+from mmray.methods.base import Batch, Method, Output, StepContext
+
+
+@dataclass
+class Config:
+    # Project the shared head's weight gradient through P (paper); false = the reference's
+    # final code, where the projection never runs.
+    project: bool = True
+    # Update P with the current modality's features before projecting (the reference's order);
+    # false = project with P built from the earlier steps, then update it (paper, OWM).
+    update_first: bool = False
+    # Inference fusion of the unimodal logits: fixed weights or test-time entropy weights.
+    fusion_rule: Literal["fixed", "dynamic"] = "dynamic"
+    # Weights of the fixed rule per modality; empty = equal weights. Reference: audio 0.55,
+    # visual 0.45.
+    fusion_weights: dict[str, float] = field(default_factory=dict)
+    # Dynamic rule with the reference's one entropy per modality over the whole batch.
+    batch_entropy: bool = False
+    # Order of the unimodal steps in each batch; empty = the dataset's modality order.
+    modality_order: list[str] = field(default_factory=list)
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        for m, w in self.fusion_weights.items():
+            if w < 0:
+                errors.append(f"{path}.fusion_weights.{m}: {w} is negative")
+        if len(set(self.modality_order)) != len(self.modality_order):
+            errors.append(f"{path}.modality_order: {self.modality_order} repeats a modality")
+
+
+# ---------------------------------------------------------------------------------------------
+# The formulas, as pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def projector_alpha(batch_idx: int, batches_per_epoch: int) -> float:
+    """α = 0.1^(1 + batch_idx / batches_per_epoch): the regulariser of the projector update."""
+    return 0.1 ** (1 + batch_idx / max(batches_per_epoch, 1))
+
+
+def projector_update(P: torch.Tensor, r: torch.Tensor, alpha: float) -> torch.Tensor:
+    """k = P rᵀ; P ← P − k kᵀ / (α + r k); P ← P / ‖P‖_F. r: (d,) mean feature. Returns new P."""
+    # In float64: P accumulates one rank-one update per step over the whole run, and the d×d
+    # cost is negligible next to a backward.
+    P64, r64 = P.double(), r.detach().double().reshape(-1, 1)
+    k = P64 @ r64
+    P64 = P64 - (k @ k.T) / (alpha + (r64.T @ k))
+    return (P64 / torch.linalg.matrix_norm(P64)).to(P.dtype)
+
+
+@torch.no_grad()
+def project_gradient_(head: nn.Linear, P: torch.Tensor) -> None:
+    """In place: ∇W ← ∇W Pᵀ for the head's weight; its bias gradient is left as it is."""
+    if head.weight.grad is not None:
+        head.weight.grad.copy_(head.weight.grad @ P.T.to(head.weight.grad.dtype))
+
+
+def entropy_weights(per_modality: dict[str, torch.Tensor],
+                    present: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per sample: e_m = −Σ_c p log p, p = softmax(z_m); w_m = softmax_m(−e_m), shape (B,)."""
+    names = list(per_modality)
+    logp = [F.log_softmax(per_modality[m].float(), dim=1) for m in names]
+    neg_e = torch.stack([(lp.exp() * lp).sum(1) for lp in logp], dim=1)  # (B, M) = −e
+    if present is not None:
+        mask = torch.stack([present[m].to(neg_e.device) for m in names], dim=1)
+        # A finite floor rather than −inf: a sample with no modality present gets equal weights.
+        neg_e = torch.where(mask, neg_e, torch.full_like(neg_e, torch.finfo(neg_e.dtype).min))
+    w = torch.softmax(neg_e, dim=1)
+    return {m: w[:, j] for j, m in enumerate(names)}
+
+
+def batch_entropy_weights(per_modality: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference's rule: e_m = −Σ_{i,c} p log p with p = softmax(z_m, dim=0) (over the batch);
+    w_m = softmax_m(−e_m), one scalar per modality."""
+    names = list(per_modality)
+    neg_e = []
+    for m in names:
+        logp = F.log_softmax(per_modality[m].float(), dim=0)
+        neg_e.append((logp.exp() * logp).sum())
+    w = torch.softmax(torch.stack(neg_e), dim=0)
+    return {m: w[j] for j, m in enumerate(names)}
+
+
+def fuse(per_modality: dict[str, torch.Tensor],
+         weights: dict[str, torch.Tensor | float]) -> torch.Tensor:
+    """z = Σ_m w_m z_m; a weight is a scalar or one value per sample (B,)."""
+    total = 0
+    for m, z in per_modality.items():
+        w = torch.as_tensor(weights[m], dtype=z.dtype, device=z.device)
+        total = total + (w.unsqueeze(1) if w.dim() == 1 else w) * z
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+
+class MLA(Method):
+    """Per-modality encoders, one shared head, one optimizer step per modality per batch."""
+
+    name = "mla"
+    Config = Config
+
+    def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
+        super().__init__(spec, model_cfg, method_cfg)
+        dims = {m: enc.out_dim for m, enc in self.encoders.items()}
+        if len(set(dims.values())) != 1:
+            raise ValueError(f"method.name=mla needs one feature width for the shared head; the "
+                             f"encoders output {dims} (set model.feature_dim)")
+        self.head = nn.Linear(next(iter(dims.values())), spec.num_classes)
+        self.register_buffer("projector", torch.eye(self.head.in_features))
+        self.order = self._check_options()
+
+    def _check_options(self) -> list[str]:
+        opts, known = self.options, sorted(self.modalities)
+        order = list(opts.modality_order) or list(self.modalities)
+        if sorted(order) != known:
+            raise ValueError(f"method.options.modality_order={opts.modality_order} must list each "
+                             f"modality of dataset {self.spec.name!r} once: {known}")
+        if opts.fusion_weights and sorted(opts.fusion_weights) != known:
+            raise ValueError(f"method.options.fusion_weights={opts.fusion_weights} must give a "
+                             f"weight for each modality of dataset {self.spec.name!r}: {known}")
+        return order
+
+    # -- inference ----------------------------------------------------------------------------
+    def inference_weights(self, per_mod: dict[str, torch.Tensor],
+                          present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        opts = self.options
+        if opts.fusion_rule == "fixed":
+            return dict(opts.fusion_weights) or {m: 1 / len(per_mod) for m in per_mod}
+        if opts.batch_entropy:
+            return batch_entropy_weights(per_mod)
+        return entropy_weights(per_mod, present)
+
+    def forward(self, batch: Batch) -> Output:
+        feats = self.features(batch)
+        per_mod = {m: self.head(feats[m]) for m in self.modalities}
+        return Output(fuse(per_mod, self.inference_weights(per_mod, batch["present"])), per_mod)
+
+    # -- training -----------------------------------------------------------------------------
+    def masked_loss(self, logits: torch.Tensor, label: torch.Tensor,
+                    present: torch.Tensor) -> torch.Tensor:
+        """`criterion` averaged over the samples where the modality is present."""
+        if self.spec.multilabel:
+            per = F.binary_cross_entropy_with_logits(logits.float(), label.float(),
+                                                     reduction="none").mean(1)
+        else:
+            per = F.cross_entropy(logits.float(), label, reduction="none")
+        w = present.to(per.dtype)
+        return (per * w).sum() / w.sum().clamp(min=1)
+
+    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        with ctx.autocast():
+            feats = self.features(batch)  # one forward of every encoder
+        alpha = projector_alpha(ctx.batch_idx, ctx.batches_per_epoch)
+        logs: dict[str, torch.Tensor] = {}
+        for m in self.order:
+            # Recomputed after the previous modality's step: the head has moved since.
+            with ctx.autocast():
+                logits = self.head(feats[m])
+            present = batch["present"][m].to(feats[m].device)
+            loss_m = self.masked_loss(logits, batch["label"], present)
+            optimizer.zero_grad(set_to_none=True)
+            # Each encoder's graph is separate and used once, so no retain_graph is needed; the
+            # other encoders' gradients stay None and the optimizer skips them.
+            loss_m.backward()
+            r = self._mean_feature(feats[m], present)
+            if self.options.project and self.options.update_first:
+                self.projector.copy_(projector_update(self.projector, r, alpha))
+            if self.options.project:
+                project_gradient_(self.head, self.projector)
+            ctx.sync_grads(self)  # after projecting: see the module docstring
+            logs[f"loss/{m}"] = loss_m.detach()
+            logs[f"grad/{m}"] = self.grad_norms()[f"grad/{m}"]
+            optimizer.step()
+            if self.options.project and not self.options.update_first:
+                self.projector.copy_(projector_update(self.projector, r, alpha))
+        logs["loss"] = torch.stack([logs[f"loss/{m}"] for m in self.order]).mean()
+        return logs
+
+    @staticmethod
+    def _mean_feature(h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """r = mean over the batch of h_m (absent samples are zero rows and are not counted)."""
+        n = present.to(torch.float32).sum().clamp(min=1)
+        return h.detach().float().sum(0) / n
+
