@@ -106,9 +106,13 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    # Token ids are a stable hash of each lower-cased word into [1, vocab_size); 0 pads.
+    # hash: a stable hash of each lower-cased word into [1, vocab_size), 0 pads (for the small
+    # bag-of-embeddings encoder); open_clip: the BPE tokenizer of `open_clip_model`.
+    tokenizer: Literal["hash", "open_clip"] = "hash"
     vocab_size: int = field(default=1024, metadata=bounds(8, 10_000_000))
+    # Tokens per sample (the context length for open_clip).
     max_tokens: int = field(default=32, metadata=bounds(1, 4096))
+    open_clip_model: str = "mmray-tiny"
 
 
 @dataclass
@@ -142,8 +146,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # Encoder family per modality kind; "small" = small CNN / embedding encoders for CPU runs.
-    encoder: Literal["small"] = "small"
+    # Audio and image encoders: "small" CNNs for CPU runs, or the timm model `timm_name`
+    # (ResNet18 as in the OGM-GE/MLA reference setup).
+    encoder: Literal["small", "timm"] = "small"
+    timm_name: str = "resnet18"
+    # Text encoder: a bag of token embeddings, or open_clip's text tower (open_clip tokens).
+    text_encoder: Literal["bag", "open_clip"] = "bag"
+    # An open_clip model config name (ViT-B-16, ...); "mmray-tiny" is a 2-layer one for tests.
+    open_clip_model: str = "mmray-tiny"
+    # Local weight files by modality (timm or open_clip state dicts); nothing is downloaded.
+    weights: dict[str, str] = field(default_factory=dict)
     # Width of every encoder's output feature h_m.
     feature_dim: int = field(default=64, metadata=bounds(1, 65536))
     # Base channel count of the small CNN encoders.
@@ -182,6 +194,10 @@ class TrainConfig:
     scheduler: Literal["none", "step", "cosine"] = "none"
     step_size: int = field(default=70, metadata=bounds(1))
     gamma: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True))
+    # Read each split into Ray's object store once per run (spilled to disk when larger than
+    # memory) rather than re-reading Parquet every epoch: on small machines re-reading starves
+    # the training loop (bench/overhead.py). false = stream from storage every epoch.
+    cache_data: bool = True
     # Rows kept in each worker's local shuffle buffer (0 = file order).
     shuffle_buffer: int = field(default=256, metadata=bounds(0))
     # Ray Train workers for one run, and what each reserves.
@@ -214,6 +230,14 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if self.model.text_encoder == "open_clip" and (
+                self.data.text.tokenizer != "open_clip"
+                or self.data.text.open_clip_model != self.model.open_clip_model):
+            errors.append("model.text_encoder=open_clip needs data.text.tokenizer=open_clip and "
+                          "data.text.open_clip_model equal to model.open_clip_model "
+                          f"({self.model.open_clip_model!r})")
 
 
 @dataclass

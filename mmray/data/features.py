@@ -5,6 +5,7 @@ Every decode error names the file it came from.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from pathlib import Path
@@ -74,11 +75,22 @@ def image_features(img: Image.Image, cfg: ImageFeatures) -> np.ndarray:
 _WORD = re.compile(r"[a-z0-9']+")
 
 
-def tokenize(text: str, cfg: TextFeatures) -> np.ndarray:
-    """(max_tokens,) int64 ids: a stable hash (crc32) of each lower-cased word into [1, vocab).
+@functools.lru_cache(maxsize=4)
+def _clip_tokenizer(model: str, context_length: int):
+    import open_clip
 
-    Python's own `hash` is salted per process and would give every worker different ids.
+    from mmray.encoders.pretrained import register_tiny_clip
+
+    register_tiny_clip()
+    return open_clip.get_tokenizer(model, context_length=context_length)
+
+
+def tokenize(text: str, cfg: TextFeatures) -> np.ndarray:
+    """(max_tokens,) int64 ids: open_clip's BPE, or a stable hash (crc32) of each lower-cased
+    word into [1, vocab). Python's own `hash` is salted per process: every worker would differ.
     """
+    if cfg.tokenizer == "open_clip":
+        return _clip_tokenizer(cfg.open_clip_model, cfg.max_tokens)([text])[0].numpy().astype(np.int64)
     ids = [1 + zlib.crc32(w.encode()) % (cfg.vocab_size - 1) for w in _WORD.findall(text.lower())]
     out = np.zeros(cfg.max_tokens, dtype=np.int64)
     ids = ids[: cfg.max_tokens]

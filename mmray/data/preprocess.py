@@ -152,17 +152,19 @@ def _featurize(items: list[Item], spec: DatasetSpec, cfg: DataConfig):
 
 
 def _write_split(ds, split: str, folder: Path, cfg: DataConfig) -> None:
-    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = (batch["split"] == split) & (batch["error"] == "")
-        return {k: v[mask] for k, v in batch.items() if k not in ("split", "error")}
+    from ray.data.expressions import col
 
-    ds.map_batches(keep, batch_format="numpy", batch_size=None).write_parquet(
-        str(folder / split), min_rows_per_file=cfg.rows_per_file, max_rows_per_file=cfg.rows_per_file)
+    # An Arrow-native filter keeps the tensor columns' type even for blocks left empty (a numpy
+    # batch function there makes Ray fall back to pickled objects for that block).
+    rows = ds.filter(expr=(col("split") == split) & (col("error") == "")).drop_columns(["split", "error"])
+    rows.write_parquet(str(folder / split), min_rows_per_file=cfg.rows_per_file,
+                       max_rows_per_file=cfg.rows_per_file)
 
 
 def preprocess(cfg: DataConfig, *, force: bool = False) -> Prepared:
     """Featurize the dataset into shards (or find them cached); raise naming every bad file."""
     import pyarrow.parquet as pq
+    from ray.data.expressions import col
 
     source = get_source(cfg.dataset)
     items = source.items(cfg)
@@ -178,7 +180,7 @@ def preprocess(cfg: DataConfig, *, force: bool = False) -> Prepared:
         return Prepared(target, manifest, cache_hit=True)
 
     ds = _featurize(items, spec, cfg)
-    bad = ds.filter(lambda r: r["error"] != "").select_columns(["id", "error"]).take_all()
+    bad = ds.filter(expr=col("error") != "").select_columns(["id", "error"]).take_all()
     if bad and not cfg.skip_corrupt:
         listing = "\n  ".join(r["error"] for r in bad)
         raise ValueError(f"{len(bad)} input file(s) of {cfg.dataset} at {source.root(cfg)} could "

@@ -76,7 +76,8 @@ def collate(columns: dict[str, np.ndarray], spec: DatasetSpec,
         present[m] = (torch.ones(n, dtype=torch.bool, device=device) if mask is None
                       else torch.as_tensor(np.asarray(mask, dtype=bool), device=device))
     label_dtype = torch.float32 if spec.multilabel else torch.long
-    label = np.asarray(list(columns["label"]) if spec.multilabel else columns["label"])
+    # A copy: Arrow hands out read-only buffers, which torch cannot wrap safely.
+    label = np.array(list(columns["label"]) if spec.multilabel else columns["label"])
     return {"inputs": inputs, "present": present,
             "label": torch.as_tensor(label, dtype=label_dtype, device=device),
             "id": [str(i) for i in columns["id"]]}

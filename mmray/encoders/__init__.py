@@ -9,12 +9,20 @@ from torch import nn
 
 from mmray.config import ModelConfig
 from mmray.data.spec import ModalitySpec
+from mmray.encoders.pretrained import OpenClipText, TimmEncoder
 from mmray.encoders.small import SmallCNN, TokenBagEncoder, VectorMLP
 
 
-def build_encoder(spec: ModalitySpec, cfg: ModelConfig) -> nn.Module:
+def build_encoder(spec: ModalitySpec, cfg: ModelConfig, modality: str = "") -> nn.Module:
     """The encoder for one modality; fails naming the kind and family it cannot serve."""
-    if cfg.encoder == "small":
+    weights = cfg.weights.get(modality, "")
+    if spec.kind == "text" and cfg.text_encoder == "open_clip":
+        return OpenClipText(cfg.open_clip_model, cfg.feature_dim, weights)
+    if cfg.encoder == "timm" and spec.kind in ("audio", "image"):
+        return TimmEncoder(cfg.timm_name, spec.shape[0], cfg.feature_dim, weights)
+    if weights:
+        raise ValueError(f"model.weights.{modality}: the small encoders take no pretrained weights")
+    if cfg.encoder in ("small", "timm"):
         if spec.kind in ("audio", "image"):
             return SmallCNN(spec.shape[0], cfg.width, cfg.feature_dim, cfg.dropout)
         if spec.kind == "text":

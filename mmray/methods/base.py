@@ -71,7 +71,7 @@ class Method(nn.Module):
         self.method_cfg = method_cfg
         self.options = self.Config(**method_cfg.options)
         self.encoders = nn.ModuleDict(
-            {m: build_encoder(s, model_cfg) for m, s in spec.modalities.items()}
+            {m: build_encoder(s, model_cfg, m) for m, s in spec.modalities.items()}
         )
 
     # -- forward ------------------------------------------------------------------------------

@@ -126,6 +126,8 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
     """A TorchTrainer for one experiment. The same `name` + `storage_path` resumes that run."""
     manifest = load_manifest(version_dir)
     datasets = {s: ray_dataset(version_dir, s) for s in SPLITS if manifest["rows"].get(s)}
+    if cfg.train.cache_data:
+        datasets = {s: ds.materialize() for s, ds in datasets.items()}
     use_gpu = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
     )

@@ -59,7 +59,8 @@ def feature_shapes(kinds: dict[str, str], cfg: DataConfig) -> dict:
         elif kind == "image":
             out[m] = ModalitySpec("image", image_features(Image.new("RGB", (8, 8)), cfg.image).shape)
         elif kind == "text":
-            out[m] = ModalitySpec("text", (cfg.text.max_tokens,), vocab_size=cfg.text.vocab_size)
+            vocab = 49408 if cfg.text.tokenizer == "open_clip" else cfg.text.vocab_size  # CLIP's BPE
+            out[m] = ModalitySpec("text", (cfg.text.max_tokens,), vocab_size=vocab)
         else:
             raise ValueError(f"modality {m!r}: kind {kind!r} has no featurizer")
     return out
