@@ -283,7 +283,8 @@ class AblationConfig:
     name: str = "ablation"
     description: str = ""
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    # Categorical axes: experiment key path -> values, e.g. method.name: [normal, ogm_ge].
+    # Categorical axes: experiment key path -> values, e.g. method.name: [normal, ogm_ge]; a
+    # mapping value is merged at its key, e.g. method: [{name: mla, options: {fusion_rule: fixed}}].
     grid: dict[str, list[Any]] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -300,7 +301,7 @@ class AblationConfig:
                 continue
             for v in values:  # every value of every axis must make a valid experiment
                 try:
-                    from_dict(ExperimentConfig, set_path(copy.deepcopy(base), key, v))
+                    from_dict(ExperimentConfig, merge_path(copy.deepcopy(base), key, v))
                 except (ConfigError, KeyError) as e:
                     msg = e.errors if isinstance(e, ConfigError) else [str(e)]
                     errors.extend(f"grid.{key}={v!r}: {m}" for m in msg)
@@ -485,6 +486,25 @@ def set_path(d: dict, key: str, value: Any) -> dict:
         node = node[part]
     node[parts[-1]] = value
     return d
+
+
+def merge_path(d: dict, key: str, value: Any) -> dict:
+    """Like `set_path`, but a mapping value is merged into the mapping already there (so a grid
+    value `{name: mla, options: {...}}` keeps the base's other method settings)."""
+    parts = key.split(".")
+    node: Any = d
+    for part in parts:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if isinstance(value, Mapping) and isinstance(node, dict):
+        value = _deep_merge(node, value)
+    return set_path(d, key, value)
+
+
+def value_label(value: Any) -> str:
+    """A short label for a grid value: mappings become their leaf values joined by '+'."""
+    if isinstance(value, Mapping):
+        return "+".join(value_label(v) for v in value.values())
+    return str(value)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:

@@ -14,6 +14,7 @@ from mmray.config import (
     flatten,
     load_config,
     parse_overrides,
+    to_dict,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -112,3 +113,14 @@ def test_every_yaml_loads(path):
         header.append(line)
     assert any("Run: " in line for line in header), f"{path}: the header comment must give the command"
     load_config(path, cls=cls)
+
+
+def test_grid_mapping_values_merge_into_the_base():
+    from mmray.tune.sweep import trial_experiment
+
+    abl = load_config(CONFIGS / "ablations/demo.yaml", ["method.fusion=sum"], cls=AblationConfig)
+    cfg = trial_experiment(to_dict(abl.experiment), {"method": {"name": "mla", "options": {"fusion_rule": "fixed"}}}, {})
+    assert cfg.method.name == "mla" and cfg.method.fusion == "sum"  # fusion kept from the base
+    assert cfg.method.options["fusion_rule"] == "fixed" and cfg.method.options["project"] is True
+    msg = _errors(["grid={method: [{name: mla, options: {fusion_rule: sometimes}}]}"], cls=AblationConfig)
+    assert "method.options.fusion_rule" in msg

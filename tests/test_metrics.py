@@ -22,6 +22,11 @@ def test_accuracy_fused_and_per_modality_over_batches():
     m = acc.compute("val")
     assert m["val/acc"] == 0.75 and m["val/acc_a"] == 0.25 and m["val/acc_v"] == 1.0
     assert m["val/loss"] == 2.0  # mean over samples: (2*1 + 2*3) / 4
+    p = torch.softmax(torch.eye(3), 1)[0, 0]  # p(true) of a one-hot logit row that is right
+    q = torch.softmax(torch.eye(3), 1)[0, 1]  # ... and one that is wrong
+    s_a, s_v = p + 3 * q, 4 * p  # audio right once, visual right 4 times
+    assert abs(m["val/score_ratio_a"] - float(s_a / s_v)) < 1e-6
+    assert abs(m["val/score_ratio_v"] - float(s_v / s_a)) < 1e-6
 
 
 def test_multilabel_f1_micro_and_macro():

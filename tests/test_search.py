@@ -76,3 +76,8 @@ def test_failed_trials_are_told_to_optuna_as_failures():
     s.on_trial_complete("a", None, error=True)
     (trial,) = s.studies[0].get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL
+
+
+def test_mapping_values_name_cells_compactly():
+    cell = {"method": {"name": "mla", "options": {"fusion_rule": "fixed"}}, "seed": 2}
+    assert cell_name(cell) == "method=mla+fixed,seed=2"

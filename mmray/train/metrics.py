@@ -1,6 +1,8 @@
 """Evaluation metrics accumulated as counts, so they sum exactly across batches and workers.
 
-Single-label: accuracy of the fused logits and of each modality's logits (`acc`, `acc_<m>`).
+Single-label: accuracy of the fused logits and of each modality's logits (`acc`, `acc_<m>`), and
+the OGM-style imbalance diagnostic for every method: s_m = Σ_i softmax(z_m,i)[y_i] over the split
+and `score_ratio_<m>` = s_m / mean_{n≠m} s_n (above 1: modality m dominates the fused model).
 Multi-label: micro and macro F1 at sigmoid > 0.5 (`f1_micro`, `f1_macro`, `f1_macro_<m>`).
 """
 
@@ -18,8 +20,8 @@ class MetricAccumulator:
         self.spec = spec
         self.heads = ["fused", *modalities]
         c = spec.num_classes
-        # Row per head: single-label [correct]; multi-label per-class [tp | fp | fn].
-        width = 3 * c if spec.multilabel else 1
+        # Row per head: single-label [correct, Σ p(true class)]; multi-label per-class [tp|fp|fn].
+        width = 3 * c if spec.multilabel else 2
         self.counts = torch.zeros(len(self.heads), width, dtype=torch.float64)
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.n = torch.zeros((), dtype=torch.float64)
@@ -39,7 +41,8 @@ class MetricAccumulator:
                 fn = (~pred & y).sum(0)
                 self.counts[i] += torch.cat([tp, fp, fn]).double().cpu()
             else:
-                self.counts[i, 0] += (z.argmax(1) == label).sum().double().cpu()
+                p_true = torch.softmax(z, dim=1).gather(1, label.view(-1, 1)).sum()
+                self.counts[i] += torch.stack([(z.argmax(1) == label).sum(), p_true]).double().cpu()
         self.loss_sum += loss.detach().double().cpu() * b
         self.n += b
 
@@ -62,4 +65,10 @@ class MetricAccumulator:
                 out[f"{split}/f1_macro{suffix}"] = float(per_class.mean())
             else:
                 out[f"{split}/acc{suffix}"] = float(counts[i, 0] / n)
+        mods = self.heads[1:]
+        if not self.spec.multilabel and len(mods) > 1:
+            scores = {m: counts[1 + j, 1] for j, m in enumerate(mods)}
+            for m in mods:
+                others = torch.stack([scores[o] for o in mods if o != m]).mean().clamp(min=1e-12)
+                out[f"{split}/score_ratio_{m}"] = float(scores[m] / others)
         return out

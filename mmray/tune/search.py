@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from mmray.config import ParamRange
+from mmray.config import ParamRange, value_label
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -41,7 +41,7 @@ def cell_name(cell: dict[str, Any]) -> str:
     if not cell:
         return "base"
     short = _short_keys(list(cell))
-    name = ",".join(f"{short[k]}={v}" for k, v in cell.items())
+    name = ",".join(f"{short[k]}={value_label(v)}" for k, v in cell.items())
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 
 

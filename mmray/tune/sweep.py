@@ -26,8 +26,9 @@ from mmray.config import (
     config_hash,
     flatten,
     from_dict,
-    set_path,
+    merge_path,
     to_dict,
+    value_label,
 )
 from mmray.ray_utils import TRIAL_SLOT
 from mmray.tracking import mlflow_log as ml
@@ -37,7 +38,7 @@ from mmray.tune.search import CellSearcher, expand_grid
 def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:
     exp = copy.deepcopy(base)
     for key, value in {**cell, **params}.items():
-        set_path(exp, key, value)
+        merge_path(exp, key, value)
     return from_dict(ExperimentConfig, exp)
 
 
@@ -62,7 +63,7 @@ def run_trial(config: dict, context: dict) -> None:
     cfg = trial_experiment(context["base"], config["cell"], config["params"])
     client = MlflowClient(context["tracking_uri"])
     params = flatten(to_dict(cfg))
-    params.update({f"grid.{k}": v for k, v in config["cell"].items()})
+    params.update({f"grid.{k}": value_label(v) for k, v in config["cell"].items()})
     run_id, status = ml.child_run(client, context["experiment_id"], context["parent_id"], trial,
                                   params, trial_tags(cfg, context, trial))
     if status == "FINISHED":
@@ -122,7 +123,8 @@ def run_sweep(abl: AblationConfig, version_dir: str, data_version: str, *, resum
             "or set name=... or storage_path=... to start a new one")
     parent_id = ml.start_parent(client, exp_id, sweep_dir, abl.name,
                                 params={**flatten(to_dict(abl.experiment)),
-                                        **{f"grid.{k}": v for k, v in abl.grid.items()}},
+                                        **{f"grid.{k}": [value_label(v) for v in vs]
+                                           for k, vs in abl.grid.items()}},
                                 tags={"ablation": abl.name, "git_commit": ml.git_commit(),
                                       "data_version": data_version, "config_hash": config_hash(abl)})
     context = {
