@@ -33,13 +33,24 @@ def _no_ambient_tracking(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_data(ray_local, tmp_path_factory):
-    """A tiny synthetic audio-image dataset, preprocessed once: (experiment config, Prepared)."""
+def _tiny(tmp_path_factory, name: str, *extra: str):
     from mmray.cli import SMOKE_OVERRIDES, prepare_data
     from mmray.config import load_config
 
-    root = tmp_path_factory.mktemp("tiny")
+    root = tmp_path_factory.mktemp(name)
     cfg = load_config(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=96", "train.epochs=3",
-                             f"data.root={root / 'raw'}", f"data.data_dir={root / 'shards'}"])
+                             f"data.root={root / 'raw'}", f"data.data_dir={root / 'shards'}", *extra])
     return cfg, prepare_data(cfg.data)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(ray_local, tmp_path_factory):
+    """A tiny synthetic audio-image dataset, preprocessed once: (experiment config, Prepared)."""
+    return _tiny(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_data3(ray_local, tmp_path_factory):
+    """The same with a third modality, text."""
+    return _tiny(tmp_path_factory, "tiny3", "data.synthetic.modalities=[audio, image, text]",
+                 "data.synthetic.strength={audio: 0.9, image: 0.5, text: 0.3}")
