@@ -97,13 +97,19 @@ class Method(nn.Module):
             return F.binary_cross_entropy_with_logits(logits.float(), label.float())
         return F.cross_entropy(logits.float(), label)
 
-    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
-        """One optimisation step on one batch; returns the values to log."""
+    def forward_backward(self, batch: Batch, optimizer: torch.optim.Optimizer,
+                         ctx: StepContext) -> tuple[Output, torch.Tensor]:
+        """Forward, loss on the fused logits, fresh gradients: the first half of a joint step."""
         with ctx.autocast():
             out = self(batch)
         loss = self.criterion(out.logits, batch["label"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return out, loss
+
+    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        """One optimisation step on one batch; returns the values to log."""
+        _, loss = self.forward_backward(batch, optimizer, ctx)
         ctx.sync_grads(self)
         logs = {"loss": loss.detach(), **self.grad_norms()}
         optimizer.step()

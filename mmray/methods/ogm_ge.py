@@ -133,11 +133,7 @@ class OGMGE(Normal):
         return self.options.modulation_starts <= epoch < self.options.modulation_ends
 
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
-        with ctx.autocast():
-            out = self(batch)
-        loss = self.criterion(out.logits, batch["label"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out, loss = self.forward_backward(batch, optimizer, ctx)
         scores = ogm_scores(out.per_modality, batch["label"])
         ratios = ogm_ratios(scores)
         coeffs = ogm_coefficients(scores, self.options.alpha)
