@@ -116,6 +116,32 @@ class TextFeatures:
 
 
 @dataclass
+class CremadConfig:
+    """CREMA-D (`mmray.data.sources.cremad`): official AudioWAV/ plus frames extracted per clip."""
+
+    # Folder under data.root with one folder of JPG frames per clip, named like the clip;
+    # Image-01-FPS (1 frame per second) is where the OGM-GE and MLA reference code reads them.
+    frames_dir: str = "Image-01-FPS"
+    # Fraction of each emotion's clips held out as test, used only when data.root has no
+    # train.csv/test.csv lists (with them, the lists decide test).
+    test: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Fraction of each emotion's train clips held out as val (the references have no val).
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Seed of both hold-outs, which take the clips that rank first by a seeded hash of the name.
+    seed: int = 0
+
+
+@dataclass
+class Food101Config:
+    """UPMC Food-101 (`mmray.data.sources.food101`): images/{train,test}/ plus texts/*_titles.csv."""
+
+    # Fraction of each class of train_titles.csv held out as val (the official split has none).
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Seed of the hold-out, which takes the images that rank first by a seeded hash of the name.
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     # Dataset source; one of mmray.data.sources.SOURCES.
     dataset: str = "synthetic"
@@ -126,6 +152,10 @@ class DataConfig:
     audio: AudioFeatures = field(default_factory=AudioFeatures)
     image: ImageFeatures = field(default_factory=ImageFeatures)
     text: TextFeatures = field(default_factory=TextFeatures)
+    # Frames per sample for an image modality stored as a folder of frames (CREMA-D's visual):
+    # evenly spaced, stacked on the channel axis into (3 * frames, size, size). Single-file
+    # images (synthetic, Food-101) ignore it.
+    frames: int = field(default=1, metadata=bounds(1, 3))
     # Skip unreadable input files (counted and named in the manifest) instead of failing.
     skip_corrupt: bool = False
     # Featurizer actors run in parallel by Ray Data, and rows per map_batches call.
@@ -134,6 +164,8 @@ class DataConfig:
     # Rows per Parquet file (the unit of streaming and of worker sharding).
     rows_per_file: int = field(default=256, metadata=bounds(1, 10_000_000))
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    cremad: CremadConfig = field(default_factory=CremadConfig)
+    food101: Food101Config = field(default_factory=Food101Config)
 
     def validate(self, path: str, errors: list[str]) -> None:
         from mmray.data.sources import SOURCES

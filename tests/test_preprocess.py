@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
-import json
 import shutil
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mmray.cli import SMOKE_OVERRIDES
 from mmray.config import load_config
-from mmray.data.preprocess import preprocess
-from mmray.data.reader import load_manifest, read_split, spec_of
+from mmray.data.preprocess import Featurizer, preprocess
+from mmray.data.reader import collate, load_manifest, ray_dataset, read_split, spec_of
+from mmray.data.sources import get_source
 from mmray.data.synthetic import generate
 
 pytestmark = pytest.mark.ray
@@ -26,47 +30,87 @@ def _data_cfg(tmp_path, *extra):
     return cfg.data
 
 
+THREE = ("data.synthetic.modalities=[audio, image, text]",
+         "data.synthetic.strength={audio: 0.9, image: 0.5, text: 0.3}")
+
+
+def _index_ids(root, split: str) -> list[str]:
+    with open(root / "index.csv") as f:
+        return [r["id"] for r in csv.DictReader(f) if r["split"] == split]
+
+
 def test_shards_and_manifest(ray_local, tmp_path):
-    data = _data_cfg(tmp_path, "data.rows_per_file=10")
+    # One block of 40 rows, 2 rows per file: a write task writes 14 train files, which Ray's
+    # default names (`...-10.parquet` sorts before `...-2.parquet`) would put out of row order.
+    data = _data_cfg(tmp_path, *THREE, "data.rows_per_file=2", "data.batch_rows=40", "data.parallelism=1")
     prepared = preprocess(data)
     assert not prepared.cache_hit
     m = load_manifest(prepared.version_dir)
     assert m["version"] == prepared.version_dir.name and m["source"] == "synthetic"
     assert m["rows"] == {"train": 28, "val": 6, "test": 6}
     assert m["params"]["audio"]["n_mels"] == data.audio.n_mels and m["skipped"] == []
+    assert m["params"]["modalities"] == {"audio": "audio", "image": "image", "text": "text"}
     for rel, digest in m["files"].items():
         assert hashlib.sha256((prepared.version_dir / rel).read_bytes()).hexdigest() == digest
-    assert len([f for f in m["files"] if f.startswith("train/")]) >= 2  # rows_per_file splits files
+    train_files = sorted(f for f in m["files"] if f.startswith("train/"))
+    assert train_files == [f"train/part-{k:05d}.parquet" for k in range(14)]
     spec = spec_of(m)
     cols = read_split(prepared.version_dir, "train")
-    assert len(cols["id"]) == 28 and cols["label"].dtype == np.int64
+    assert list(cols["id"]) == _index_ids(tmp_path / "raw", "train")  # file order is row order
+    assert cols["label"].dtype == np.int64 and cols["text"].dtype == np.int64
     for mod, ms in spec.modalities.items():
         assert cols[mod].shape == (28, *ms.shape)
     val_ids = set(read_split(prepared.version_dir, "val")["id"])
     assert not val_ids & set(cols["id"])
 
+    # What a Train worker does with its shard: numpy batches from Ray Data, then the contract.
+    row_of = {sid: k for k, sid in enumerate(cols["id"])}
+    seen = []
+    for batch in ray_dataset(prepared.version_dir, "train").iter_batches(
+            batch_size=8, batch_format="numpy", local_shuffle_buffer_size=16, local_shuffle_seed=0):
+        b = collate(batch, spec)
+        n = len(b["id"])
+        for mod, ms in spec.modalities.items():
+            assert b["inputs"][mod].shape == (n, *ms.shape)
+            assert b["present"][mod].dtype == torch.bool and bool(b["present"][mod].all())
+            rows = [row_of[sid] for sid in b["id"]]
+            np.testing.assert_array_equal(b["inputs"][mod].numpy(), cols[mod][rows])
+        assert b["inputs"]["audio"].dtype == torch.float32 and b["inputs"]["text"].dtype == torch.long
+        assert b["label"].dtype == torch.long and b["label"].tolist() == cols["label"][rows].tolist()
+        seen += b["id"]
+    assert sorted(seen) == sorted(cols["id"])
 
-def test_second_run_is_a_cache_hit_and_a_parameter_change_is_not(ray_local, tmp_path):
+
+def test_cache_hit_crash_leftover_and_parameter_change(ray_local, tmp_path):
     data = _data_cfg(tmp_path)
     first = preprocess(data)
     stamp = (first.version_dir / "manifest.json").stat().st_mtime_ns
     again = preprocess(data)
     assert again.cache_hit and again.version_dir == first.version_dir
     assert (first.version_dir / "manifest.json").stat().st_mtime_ns == stamp
+
+    (first.version_dir / "manifest.json").unlink()  # as if a crash left a bare folder
+    rewritten = preprocess(data)
+    assert not rewritten.cache_hit and rewritten.version_dir == first.version_dir
+    assert load_manifest(rewritten.version_dir) == rewritten.manifest
+    # Same inputs, same shards: file names and bytes (ordered rows, our own file names).
+    assert rewritten.manifest["files"] == first.manifest["files"]
+
     other = preprocess(_data_cfg(tmp_path, "data.audio.n_mels=16"))
     assert not other.cache_hit and other.version_dir != first.version_dir
     assert first.version_dir.exists()  # the old version stays
 
 
-@pytest.mark.parametrize("modality, name", [("audio", "s00003.wav"), ("image", "s00005.png")])
-def test_corrupt_file_is_named_and_nothing_is_written(ray_local, tmp_path, modality, name):
+def test_corrupt_files_are_named_and_nothing_is_written(ray_local, tmp_path):
     data = _data_cfg(tmp_path)
-    (tmp_path / "raw" / modality / name).write_bytes(b"garbage, not a media file")
-    with pytest.raises(ValueError, match=name) as e:
+    (tmp_path / "raw" / "audio" / "s00003.wav").write_bytes(b"garbage, not a media file")
+    (tmp_path / "raw" / "image" / "s00005.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError) as e:
         preprocess(data)
-    assert "data.skip_corrupt=true" in str(e.value)
+    for name in ("audio/s00003.wav", "image/s00005.png", "data.skip_corrupt=true", "2 input file(s)"):
+        assert name in str(e.value)
     shards = tmp_path / "shards"
-    assert not shards.exists() or not any((shards / "synthetic").iterdir())
+    assert not shards.exists() or not any((shards / "synthetic").iterdir())  # no version, no .tmp-*
 
 
 def test_skip_corrupt_and_missing_files_are_counted(ray_local, tmp_path):
@@ -74,10 +118,32 @@ def test_skip_corrupt_and_missing_files_are_counted(ray_local, tmp_path):
     (tmp_path / "raw" / "audio" / "s00003.wav").write_bytes(b"garbage")
     (tmp_path / "raw" / "image" / "s00007.png").unlink()
     prepared = preprocess(data)
-    skipped = prepared.manifest["skipped"]
-    assert sorted(s["id"] for s in skipped) == ["s00003", "s00007"]
-    assert any("s00007.png" in s["error"] for s in skipped)
+    skipped = sorted(prepared.manifest["skipped"], key=lambda s: s["id"])
+    assert [s["id"] for s in skipped] == ["s00003", "s00007"]
+    assert [Path(s["file"]).name for s in skipped] == ["s00003.wav", "s00007.png"]
+    assert all(s["file"] in s["error"] for s in skipped)
     assert sum(prepared.manifest["rows"].values()) == 38
+    read_back = np.concatenate([read_split(prepared.version_dir, s)["id"] for s in prepared.manifest["rows"]])
+    assert len(read_back) == 38 and not {"s00003", "s00007"} & set(read_back)
+
+
+def test_featurizer_names_a_missing_file_instead_of_raising(tmp_path):
+    # The actor body without Ray: errors become a column, so one bad file cannot abort a batch.
+    data = _data_cfg(tmp_path)
+    source = get_source("synthetic")
+    items = source.items(data)[:3]
+    missing = Path(items[1].files["image"])
+    missing.unlink()
+    batch = {"id": np.array([i.id for i in items], dtype=object),
+             "split": np.array([i.split for i in items], dtype=object),
+             "label": np.array([i.label for i in items])}
+    for m in ("audio", "image"):
+        batch[f"file_{m}"] = np.array([i.files[m] for i in items], dtype=object)
+        batch[f"inline_{m}"] = np.array(["", "", ""], dtype=object)
+    out = Featurizer(source.spec(data).to_dict(), asdict(data))(batch)
+    assert list(out["error_file"]) == ["", str(missing), ""]
+    assert out["error"][0] == "" and str(missing) in out["error"][1]
+    assert out["image"].shape[0] == 3 and np.abs(out["image"][0]).sum() > 0
 
 
 def test_missing_index_is_named(tmp_path):
@@ -85,11 +151,3 @@ def test_missing_index_is_named(tmp_path):
     shutil.rmtree(tmp_path / "raw")
     with pytest.raises(FileNotFoundError, match="index.csv"):
         preprocess(data)
-
-
-def test_version_without_manifest_is_replaced(ray_local, tmp_path):
-    data = _data_cfg(tmp_path)
-    first = preprocess(data)
-    (first.version_dir / "manifest.json").unlink()  # as if a crash left a bare folder
-    again = preprocess(data)
-    assert not again.cache_hit and json.loads((again.version_dir / "manifest.json").read_text())

@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import filecmp
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 from PIL import Image
 
-from mmray.config import AudioFeatures, SyntheticConfig
-from mmray.data.features import audio_features, load_audio
+from mmray.config import AudioFeatures, DataConfig, ImageFeatures, SyntheticConfig
+from mmray.data.features import audio_features, image_features, load_audio, load_image
+from mmray.data.sources.synthetic import SyntheticSource
 from mmray.data.synthetic import generate
 
 SMALL = dict(num_samples=40, num_classes=4, audio_seconds=0.25, image_size=16)
@@ -67,6 +69,7 @@ def test_rerun_is_a_no_op_and_other_arguments_are_refused(tmp_path):
     root = generate(_cfg(), tmp_path / "d")
     mtime = (root / "index.csv").stat().st_mtime_ns
     generate(_cfg(), root)
+    generate(_cfg(noise=0.5, strength={"audio": 0.9, "image": 0.5}), root)  # same values, spelt out
     assert (root / "index.csv").stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError, match="other arguments"):
         generate(_cfg(num_classes=3), root)
@@ -94,3 +97,36 @@ def test_signal_strength_controls_what_a_unimodal_model_can_learn(tmp_path):
     acc_none = _nearest_mean_accuracy(none, 150)
     assert acc_strong > 0.9  # the class chords are easy to separate
     assert acc_none < 0.45  # chance is 0.25 with 4 classes; 50 test samples
+
+
+def test_source_lists_items_and_spec_matches_the_featurizers(tmp_path):
+    root = generate(_cfg(), tmp_path / "d")
+    data = DataConfig(root=str(root), audio=AudioFeatures(seconds=0.25), image=ImageFeatures(size=16))
+    source = SyntheticSource()
+    items = source.items(data)
+    assert [i.id for i in items[:2]] == ["s00000", "s00001"] and len(items) == 40
+    assert set(items[0].files) == {"audio", "image"} and all(Path(f).is_absolute() for f in items[0].files.values())
+    spec = source.spec(data)
+    assert spec.num_classes == 4 and set(spec.modalities) == {"audio", "image"}
+    wav, png = items[0].files["audio"], items[0].files["image"]
+    assert audio_features(load_audio(wav, 8000, 0.25), data.audio).shape == spec.modalities["audio"].shape
+    assert image_features(load_image(png), data.image).shape == spec.modalities["image"].shape
+
+
+@pytest.mark.parametrize("content, match", [
+    ("id,label\ns00000,1\n", r"index.csv: missing column\(s\) \['split'\]"),
+    ("id,split,label\ns00000,train,1\ns00001,dev,1\n", r"index.csv line 3: split must be"),
+    ("id,split,label\ns00000,train,cat\n", r"index.csv line 2: .*'cat'"),
+    ("id,split,label\ns00000,train,1\ns00000,val,2\n", r"index.csv line 3: id 's00000'"),
+    ("id,split,label\ns00000,train\n", r"index.csv line 2: .*'train', ''"),
+])
+def test_malformed_index_is_named(tmp_path, content, match):
+    root = generate(_cfg(), tmp_path / "d")
+    (root / "index.csv").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        SyntheticSource().items(DataConfig(root=str(root)))
+
+
+def test_missing_layout_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / "index.csv")):
+        SyntheticSource().items(DataConfig(root=str(tmp_path / "nowhere")))

@@ -3,11 +3,17 @@
     <data_dir>/<dataset>/<version>/{train,val,test}/*.parquet
     <data_dir>/<dataset>/<version>/manifest.json
 
+A source normally lists items whose files the `Featurizer` decodes; a source stored as arrays
+(MM-IMDB's HDF5 file) instead implements `read_rows(cfg)`, returning a Ray Dataset of finished
+rows, and may implement `fingerprint(cfg)` when its inputs are too large to hash.
+
 The version is a hash of the source, every preprocessing parameter and a fingerprint of the
 inputs (each file's relative path and size, the index files' SHA-256), so the same inputs and
 parameters are a cache hit and anything else is a new version beside the old one. Shards are
 written into a temporary sibling folder that is renamed into place only when complete: a failed
-or interrupted run leaves nothing that looks like a version.
+or interrupted run leaves nothing that looks like a version. Shard files are renamed
+`part-00000.parquet`, ... in the order Ray wrote them, so names sort in row order and the same
+inputs give the same file names (and bytes).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -49,18 +56,26 @@ def _params(cfg: DataConfig, spec: DatasetSpec) -> dict:
     """Every parameter that changes what the shards hold."""
     kinds = {m: s.kind for m, s in spec.modalities.items()}
     used = {k: asdict(getattr(cfg, k)) for k in ("audio", "image", "text") if k in kinds.values()}
-    return {"modalities": kinds, **used, "skip_corrupt": cfg.skip_corrupt}
+    if "image" in kinds.values():
+        used["frames"] = cfg.frames  # frames stacked per folder-of-frames image modality
+    # rows_per_file changes the files (the unit of worker sharding), not the rows.
+    return {"modalities": kinds, **used, "skip_corrupt": cfg.skip_corrupt,
+            "rows_per_file": cfg.rows_per_file}
 
 
 def _fingerprint(source, cfg: DataConfig, items: list[Item]) -> dict:
+    if hasattr(source, "fingerprint"):  # inputs too large to hash (MM-IMDB's 9 GB HDF5 file)
+        return source.fingerprint(cfg)
     root = source.root(cfg)
     h = hashlib.sha256()
     for item in items:
+        h.update(f"{item.id}\0{item.split}\n".encode())  # a seeded split is decided by the source
         for path in sorted(item.files.values()):
             p = Path(path)
-            size = p.stat().st_size if p.exists() else -1
-            rel = os.path.relpath(p, root)
-            h.update(f"{rel}\0{size}\n".encode())
+            # A folder of frames: the frames in it are the input, not the folder entry.
+            for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+                size = f.stat().st_size if f.exists() else -1
+                h.update(f"{os.path.relpath(f, root)}\0{size}\n".encode())
         for m, text in sorted(item.inline.items()):
             h.update(f"{item.id}\0{m}\0{text}\n".encode())
     return {"files": h.hexdigest(), "index": {str(p.relative_to(root)): _sha256(p)
@@ -69,7 +84,7 @@ def _fingerprint(source, cfg: DataConfig, items: list[Item]) -> dict:
 
 def _version(source_name: str, root: Path, params: dict, fingerprint: dict) -> str:
     blob = json.dumps({"source": source_name, "root": str(root), "params": params,
-                       "inputs": fingerprint}, sort_keys=True)
+                       "fingerprint": fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -100,6 +115,11 @@ class Featurizer:
         if kind == "audio":
             wave = F.load_audio(path, self.cfg.audio.sample_rate, self.cfg.audio.seconds)
             return F.audio_features(wave, self.cfg.audio)
+        if kind == "image" and path.endswith("/"):  # a folder of frames, stacked on channels
+            from mmray.data.sources.base import frame_files
+
+            return np.concatenate([F.image_features(F.load_image(f), self.cfg.image)
+                                   for f in frame_files(path, self.cfg.frames)])
         if kind == "image":
             return F.image_features(F.load_image(path), self.cfg.image)
         return F.tokenize(inline if not path else F.read_text(path), self.cfg.text)
@@ -107,17 +127,23 @@ class Featurizer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         out = {k: batch[k] for k in ("id", "split", "label")}
-        errors = [""] * n
+        errors, error_files = [""] * n, [""] * n
         for m, ms in self.spec.modalities.items():
             dtype = np.int64 if ms.kind == "text" else np.float32
             col = np.zeros((n, *ms.shape), dtype=dtype)
             for i in range(n):
+                path = batch[f"file_{m}"][i]
                 try:
-                    col[i] = self._one(m, batch[f"file_{m}"][i], batch[f"inline_{m}"][i])
+                    col[i] = self._one(m, path, batch[f"inline_{m}"][i])
                 except Exception as e:  # one bad file must not abort the batch; reported below
-                    errors[i] = errors[i] or f"{batch[f'file_{m}'][i] or m}: {e}"
+                    if not errors[i]:  # the first bad file of a sample is the one reported
+                        msg = str(e)
+                        where = path or f"{batch['id'][i]}/{m}"  # inline values have no file
+                        errors[i] = msg if where in msg else f"{where}: {msg}"
+                        error_files[i] = where
             out[m] = col
         out["error"] = np.asarray(errors, dtype=object)
+        out["error_file"] = np.asarray(error_files, dtype=object)
         return out
 
 
@@ -133,7 +159,7 @@ def _rows(items: list[Item], spec: DatasetSpec) -> list[dict]:
     return rows
 
 
-def _featurize(items: list[Item], spec: DatasetSpec, cfg: DataConfig):
+def _featurize(source, items: list[Item], spec: DatasetSpec, cfg: DataConfig):
     import ray
 
     from mmray.ray_utils import init_ray
@@ -142,6 +168,10 @@ def _featurize(items: list[Item], spec: DatasetSpec, cfg: DataConfig):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same row order in the shards
     ctx.enable_progress_bars = False
+    if hasattr(source, "read_rows"):
+        # Sources stored as arrays (MM-IMDB's HDF5) read their own rows, already featurized:
+        # the Featurizer's columns (id, split, label, one per modality, error, error_file).
+        return source.read_rows(cfg).materialize()
     n_blocks = max(cfg.parallelism, -(-len(items) // cfg.batch_rows))
     ds = ray.data.from_items(_rows(items, spec), override_num_blocks=n_blocks)
     # 0.5 CPU per actor: actors x CPUs must stay below the machine's CPUs or the tasks that feed
@@ -151,14 +181,50 @@ def _featurize(items: list[Item], spec: DatasetSpec, cfg: DataConfig):
                           batch_format="numpy").materialize()
 
 
+def _shard_names():
+    """Names `<write uuid>_<task>-{i}.parquet`, parsed back by `_rename_shards`.
+
+    Ray's default names end in pyarrow's unpadded file counter `{i}` (so `-10` sorts before `-2`)
+    and may change between releases; here the format is ours. Defined inside a function so that
+    importing this module does not import Ray Data (cloudpickle ships the class by value).
+    """
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"{write_uuid}_{task_index:06d}-{{i}}.parquet"
+
+    return ShardNames(file_format="parquet")
+
+
+_SHARD_NAME = re.compile(r"_(\d+)-(\d+)\.parquet$")
+
+
+def _rename_shards(folder: Path) -> None:
+    """Name the files `part-00000.parquet`, ... in the order Ray wrote them (task, then file)."""
+    files = []
+    for p in folder.glob("*.parquet"):
+        match = _SHARD_NAME.search(p.name)
+        if not match:
+            raise RuntimeError(f"{p}: expected a shard named <write uuid>_<task>-<i>.parquet "
+                               "(see _shard_names); cannot tell the shards' row order")
+        files.append(((int(match[1]), int(match[2])), p))
+    width = max(5, len(str(len(files) - 1)))  # one width per split, so names sort as numbers
+    for k, (_, p) in enumerate(sorted(files)):
+        p.rename(folder / f"part-{k:0{width}d}.parquet")
+
+
 def _write_split(ds, split: str, folder: Path, cfg: DataConfig) -> None:
     from ray.data.expressions import col
 
     # An Arrow-native filter keeps the tensor columns' type even for blocks left empty (a numpy
     # batch function there makes Ray fall back to pickled objects for that block).
-    rows = ds.filter(expr=(col("split") == split) & (col("error") == "")).drop_columns(["split", "error"])
+    rows = ds.filter(expr=(col("split") == split) & (col("error") == "")).drop_columns(
+        ["split", "error", "error_file"])
+    # min bundles small blocks into one write task; max cuts a task's rows into files.
     rows.write_parquet(str(folder / split), min_rows_per_file=cfg.rows_per_file,
-                       max_rows_per_file=cfg.rows_per_file)
+                       max_rows_per_file=cfg.rows_per_file, filename_provider=_shard_names())
+    _rename_shards(folder / split)
 
 
 def preprocess(cfg: DataConfig, *, force: bool = False) -> Prepared:
@@ -179,8 +245,8 @@ def preprocess(cfg: DataConfig, *, force: bool = False) -> Prepared:
     if not force and (manifest := valid_manifest(target)):
         return Prepared(target, manifest, cache_hit=True)
 
-    ds = _featurize(items, spec, cfg)
-    bad = ds.filter(expr=col("error") != "").select_columns(["id", "error"]).take_all()
+    ds = _featurize(source, items, spec, cfg)
+    bad = ds.filter(expr=col("error") != "").select_columns(["id", "error_file", "error"]).take_all()
     if bad and not cfg.skip_corrupt:
         listing = "\n  ".join(r["error"] for r in bad)
         raise ValueError(f"{len(bad)} input file(s) of {cfg.dataset} at {source.root(cfg)} could "
@@ -196,10 +262,10 @@ def preprocess(cfg: DataConfig, *, force: bool = False) -> Prepared:
                 for s in SPLITS}
         manifest = {
             "source": source.name, "root": str(source.root(cfg)), "version": version,
-            "params": params, "inputs": fingerprint, "spec": spec.to_dict(),
+            "params": params, "fingerprint": fingerprint, "spec": spec.to_dict(),
             "rows": {s: n for s, n in rows.items() if n},
             "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
-            "skipped": [{"id": r["id"], "error": r["error"]} for r in bad],
+            "skipped": [{"id": r["id"], "file": r["error_file"], "error": r["error"]} for r in bad],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if target.exists():  # a folder without a valid manifest (or --force): replace it whole

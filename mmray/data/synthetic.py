@@ -105,12 +105,20 @@ def _write(cfg: SyntheticConfig, out: Path) -> None:
         w.writerows(rows)
 
 
+def _read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable or half-written: not the same arguments
+        return None
+
+
 def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) -> Path:
     """Write the dataset at `root` (atomically); a no-op if it is there with the same arguments."""
     root = Path(root).expanduser().resolve()
     meta = json.dumps(asdict(cfg), sort_keys=True, indent=1)
     if (root / "synthetic.json").is_file():
-        if (root / "synthetic.json").read_text() == meta:
+        # Compared as values, so 1 and 1.0 (a YAML int for a float field) are the same argument.
+        if _read_meta(root / "synthetic.json") == json.loads(meta):
             return root
         if not overwrite:
             raise FileExistsError(

@@ -6,10 +6,16 @@ An explicit registry filled by explicit imports; `get_source` fails on an unknow
 from __future__ import annotations
 
 from mmray.data.sources.base import Item, Source
+from mmray.data.sources.cremad import CremadSource
+from mmray.data.sources.food101 import Food101Source
+from mmray.data.sources.mmimdb import MMIMDBSource
 from mmray.data.sources.synthetic import SyntheticSource
 
 SOURCES: dict[str, type[Source]] = {
     SyntheticSource.name: SyntheticSource,
+    CremadSource.name: CremadSource,
+    Food101Source.name: Food101Source,
+    MMIMDBSource.name: MMIMDBSource,
 }
 
 

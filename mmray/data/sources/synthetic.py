@@ -38,12 +38,20 @@ class SyntheticSource(Source):
             if missing:
                 raise ValueError(f"{index}: missing column(s) {sorted(missing)}; "
                                  "expected id, split, label")
+            seen: set[str] = set()
             for line, row in enumerate(reader, start=2):
-                if row["split"] not in ("train", "val", "test") or not row["label"].isdigit():
+                sid, split, label = row["id"] or "", row["split"], row["label"] or ""  # None: short row
+                if not sid or sid in seen:
+                    raise ValueError(f"{index} line {line}: id {sid!r} is empty or repeated; "
+                                     "every sample needs its own id")
+                if split not in ("train", "val", "test") or not label.isdigit():
                     raise ValueError(f"{index} line {line}: split must be train, val or test and "
-                                     f"label a class index; got {row['split']!r}, {row['label']!r}")
-                files = {m: str(root / m / f"{row['id']}{_SUFFIX[m]}") for m in mods}
-                items.append(Item(row["id"], row["split"], int(row["label"]), files))
+                                     f"label a class index; got {split!r}, {label!r}")
+                seen.add(sid)
+                # Files are not checked here: a missing one is reported by the featurizer, with
+                # the unreadable ones, so data.skip_corrupt treats both alike.
+                files = {m: str(root / m / f"{sid}{_SUFFIX[m]}") for m in mods}
+                items.append(Item(sid, split, int(label), files))
         return items
 
     def spec(self, cfg: DataConfig) -> DatasetSpec:
