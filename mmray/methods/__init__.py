@@ -5,6 +5,8 @@ from __future__ import annotations
 from mmray.config import MethodConfig, ModelConfig
 from mmray.data.spec import DatasetSpec
 from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.dynmm import DynMM
+from mmray.methods.dynmm_fusion import DynMMFusion
 from mmray.methods.mla import MLA
 from mmray.methods.normal import Normal
 from mmray.methods.ogm_ge import OGMGE
@@ -15,6 +17,8 @@ METHODS: dict[str, type[Method]] = {
     OGMGE.name: OGMGE,
     QMF.name: QMF,
     MLA.name: MLA,
+    DynMM.name: DynMM,
+    DynMMFusion.name: DynMMFusion,
 }
 
 

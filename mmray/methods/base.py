@@ -63,6 +63,9 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
+    # Modality counts the method is defined for; a method needing exactly two (DynMM) says (2,)
+    # and raises a ValueError naming the dataset's modalities for any other count.
+    modalities_supported: ClassVar[tuple[int, ...]] = (2, 3)
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__()

@@ -1,0 +1,354 @@
+"""DynMM, modality level: a gate routes each sample to one expert (METHODS.md §5).
+
+Xue & Marculescu, "Dynamic Multimodal Fusion", CVPR-W 2023. Reference code:
+https://github.com/zihuixue/DynMM (`ModalityDynMM/multimedia/imdb_dyn.py`: `DiffSoftmax`,
+`DynMMNet`; training in `training_structures/Supervised_Learning.py`).
+
+Experts e = 1..E are inference paths of different cost C_e (text-only and late fusion on
+MM-IMDB). A gate MLP on cheap inputs gives logits g; w = softmax(g / τ), and with hard gating the
+straight-through w = onehot(argmax w) − stopgrad(w) + w (optionally with Gumbel noise on g). The
+prediction is z = Σ_e w_e z^e and the loss
+
+    L = task(z, y) + λ · mean_batch(Σ_e w_e C_e / C_max),
+
+task = BCE-with-logits for multi-label datasets, CE otherwise. Training has two stages: for
+`pretrain_epochs` epochs the experts train on Σ_e task(z^e, y) with the gate idle; then the experts
+are frozen and only the gate trains on L. At evaluation (`predict`) gating is hard and only the
+selected expert runs for each sample. Reported: the fraction routed to each expert, the expected
+FLOPs per sample Σ_e mean(w_e)·C_e and the saving 1 − E[FLOPs] / C_max.
+
+Where mmray differs from the reference implementation:
+- Expert costs are measured with `mmray.cost.flops_per_sample` on an example batch when the method
+  is built; the reference types them in (1.25261 and 10.86908 MFLOPs). As there, the gate's own
+  cost is not part of E[FLOPs]; it is logged as `dynmm/cost_gate`. A measured cost includes what
+  the expert's head computes for the per-modality diagnostics (2·d·C FLOPs per modality).
+- The resource term is Σ_e w_e C_e / C_max; the reference's is mean(w_late), the fraction routed to
+  the expensive expert. For two experts ours is mean(w_late)·(1 − r) + r with r = C_cheap / C_max:
+  the same objective with λ scaled by (1 − r) (0.885 for the reference's costs).
+- The experts are pretrained in the same run (`pretrain_epochs`), not loaded from separately
+  trained checkpoints, and are mmray's encoders with a `LateFusion` head: a unimodal expert is one
+  encoder and a linear head, the late-fusion expert is the method's `encoders` and the
+  `method.fusion` head (the reference: MultiBench MLPs and MaxOut-MLP late fusion).
+- Frozen experts are kept in eval mode during the gate stage (no dropout, fixed BatchNorm
+  statistics); the reference leaves them in train mode. `freeze_experts: false` trains experts and
+  gate together after pretraining. The reference clips gradients at norm 8; mmray does not.
+- At inference only the selected expert runs (samples grouped by expert); the reference runs every
+  branch and multiplies by the one-hot weights, so its saving is counted, not realised.
+- Gumbel noise is an option (off in the reference). The saving is relative to the costliest
+  expert, which is always-late-fusion when that is one of the experts (as in the paper).
+- Per-modality logits (diagnostics) are z_m = Σ_e w_e z^e_m, where z^e_m is expert e's
+  late-fusion block for m and 0 for an expert that does not read m; so z = Σ_m z_m still holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmray.config import MethodConfig, ModelConfig, bounds
+from mmray.cost import flops_per_sample
+from mmray.data.spec import DatasetSpec
+from mmray.encoders import build_encoder
+from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.modules.fusion import LateFusion
+
+LATE_FUSION = "late_fusion"
+
+
+@dataclass
+class Config:
+    # Inference paths: a modality name (that modality's encoder and a linear head) or
+    # "late_fusion" (every encoder and the method.fusion head). Empty: [first modality,
+    # late_fusion]. MM-IMDB's reference pair is [text, late_fusion] (image-only was dropped for
+    # poor accuracy; [text, image, late_fusion] brings it back).
+    experts: list[str] = field(default_factory=list)
+    # Epochs that train the experts (sum of their own losses, gate idle) before the gate trains.
+    pretrain_epochs: int = field(default=2, metadata=bounds(0))
+    # Freeze the experts after pretraining (the reference's --freeze); false: train them with the gate.
+    freeze_experts: bool = True
+    # τ in w = softmax(logits / τ).
+    temperature: float = field(default=1.0, metadata=bounds(0.0, None, lo_open=True))
+    # Straight-through hard gating during training (inference is always hard).
+    hard_gate: bool = True
+    # Add Gumbel(0, 1) noise to the gate logits during training (not in the reference).
+    gumbel: bool = False
+    # λ, weight of the resource loss mean_batch(Σ_e w_e C_e / C_max); 0.1 in the reference.
+    resource_weight: float = field(default=0.1, metadata=bounds(0.0, None))
+    # Hidden width of the gate MLP (inputs → hidden → experts); 128 in the reference.
+    gate_hidden: int = field(default=128, metadata=bounds(1))
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if len(set(self.experts)) != len(self.experts):
+            errors.append(f"{path}.experts: {self.experts} names an expert twice")
+        if len(self.experts) == 1:
+            errors.append(f"{path}.experts: {self.experts} leaves the gate nothing to choose; "
+                          "name at least 2 (e.g. [text, late_fusion]) or leave it empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# The formulas, as pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def gate_weights(logits: torch.Tensor, temperature: float = 1.0, hard: bool = False,
+                 gumbel: bool = False) -> torch.Tensor:
+    """w = softmax((g [+ Gumbel noise]) / τ); hard: onehot(argmax w) − stopgrad(w) + w."""
+    logits = logits.float()
+    if gumbel:
+        logits = logits - torch.empty_like(logits).exponential_().log()  # + Gumbel(0, 1)
+    soft = torch.softmax(logits / temperature, dim=-1)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    return one_hot - soft.detach() + soft
+
+
+def resource_loss(weights: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    """mean_batch(Σ_e w_e C_e / C_max)."""
+    return (weights * (costs / costs.max())).sum(-1).mean()
+
+
+def expected_flops(weights: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    """E[FLOPs] per sample = Σ_e mean_batch(w_e) · C_e."""
+    return (weights.mean(0) * costs).sum()
+
+
+def flops_saving(expected: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    """1 − E[FLOPs] / C_max: the share of always-running-the-costliest-expert's compute saved."""
+    return 1 - expected / costs.max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class GateInput(nn.Module):
+    """The gate's cheap view of the raw inputs, concatenated over modalities.
+
+    Feature vectors as they are (MM-IMDB: [word2vec; VGG], 4396 values, as in the reference);
+    spectrograms and images average-pooled to 4 × 4 per channel; token ids as the mean of a small
+    embedding (padding excluded). Missing modalities are zeroed.
+    """
+
+    def __init__(self, spec: DatasetSpec, pooled: int = 4, token_dim: int = 16):
+        super().__init__()
+        self.spec = spec
+        self.pooled = pooled
+        self.embeds = nn.ModuleDict({
+            m: nn.EmbeddingBag(s.vocab_size, token_dim, mode="mean", padding_idx=0)
+            for m, s in spec.modalities.items() if s.kind == "text"})
+        dims = {m: token_dim if s.kind == "text" else
+                s.shape[0] * pooled * pooled if len(s.shape) == 3 else
+                math.prod(s.shape) for m, s in spec.modalities.items()}
+        self.out_dim = sum(dims.values())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        parts = []
+        for m, s in self.spec.modalities.items():
+            x = batch["inputs"][m]
+            if s.kind == "text":
+                h = self.embeds[m](x)
+            elif x.dim() == 4:
+                h = F.adaptive_avg_pool2d(x.float(), self.pooled).flatten(1)
+            else:
+                h = x.float().flatten(1)
+            parts.append(h * batch["present"][m].to(h.dtype).unsqueeze(1))
+        return torch.cat(parts, dim=1)
+
+
+def gate_mlp(in_dim: int, hidden: int, choices: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, choices))
+
+
+class Expert(nn.Module):
+    """One inference path: the encoders of some modalities and a late-fusion head over them."""
+
+    def __init__(self, encoders: nn.ModuleDict, num_classes: int, fusion: str):
+        super().__init__()
+        self.encoders = encoders
+        self.head = LateFusion({m: e.out_dim for m, e in encoders.items()}, num_classes, fusion)
+        # Forward calls and samples seen: an audit of what routed inference actually ran.
+        self.calls = 0
+        self.samples = 0
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.calls += 1
+        self.samples += next(iter(batch["inputs"].values())).shape[0]
+        feats = {}
+        for m, enc in self.encoders.items():
+            h = enc(batch["inputs"][m])
+            feats[m] = h * batch["present"][m].to(h.dtype).unsqueeze(1)
+        return self.head(feats)
+
+
+def example_batch(spec: DatasetSpec, size: int = 2) -> Batch:
+    """A batch of zeros shaped like the dataset's, to measure costs on."""
+    inputs = {m: torch.zeros(size, *s.shape, dtype=torch.long if s.kind == "text" else torch.float32)
+              for m, s in spec.modalities.items()}
+    return {"inputs": inputs, "present": {m: torch.ones(size, dtype=torch.bool) for m in inputs}}
+
+
+def subset(batch: Batch, idx: torch.Tensor) -> Batch:
+    """The rows `idx` of a batch's inputs and presence masks."""
+    return {"inputs": {m: x.index_select(0, idx) for m, x in batch["inputs"].items()},
+            "present": {m: p.index_select(0, idx) for m, p in batch["present"].items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+
+class DynMM(Method):
+    """Experts of different cost, a gate that picks one per sample, a resource-penalised loss."""
+
+    name = "dynmm"
+    Config = Config
+    modalities_supported = (2,)
+
+    def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
+        if len(spec.modalities) not in self.modalities_supported:
+            raise ValueError(f"method.name=dynmm needs exactly 2 modalities (a cheap and an "
+                             f"expensive path); dataset {spec.name!r} has {list(spec.modalities)}")
+        super().__init__(spec, model_cfg, method_cfg)
+        self._frozen = False
+        names = list(self.options.experts) or [self.modalities[0], LATE_FUSION]
+        unknown = [n for n in names if n != LATE_FUSION and n not in spec.modalities]
+        if unknown:
+            raise ValueError(f"method.options.experts: {unknown} is not {LATE_FUSION!r} or a "
+                             f"modality of dataset {spec.name!r} ({list(spec.modalities)})")
+        self.experts = nn.ModuleDict()
+        for n in names:
+            encoders = self.encoders if n == LATE_FUSION else nn.ModuleDict(
+                {n: build_encoder(spec.modalities[n], model_cfg, n)})
+            self.experts[n] = Expert(encoders, spec.num_classes, method_cfg.fusion)
+        self.gate_input = GateInput(spec)
+        self.gate = gate_mlp(self.gate_input.out_dim, self.options.gate_hidden, len(names))
+
+        example = example_batch(spec)
+        costs = [flops_per_sample(e, example) for e in self.experts.values()]
+        self.register_buffer("expert_flops", torch.tensor(costs, dtype=torch.float32),
+                             persistent=False)  # measured, never loaded from a checkpoint
+        self.gate_flops = flops_per_sample(self, example, call=self.gate_logits)
+        for e in self.experts.values():
+            e.calls = e.samples = 0
+        self._eval_counts = torch.zeros(len(names))
+
+    # -- stages -------------------------------------------------------------------------------
+    def pretraining(self, epoch: int) -> bool:
+        return epoch < self.options.pretrain_epochs
+
+    def _apply_stage(self, epoch: int) -> None:
+        """Experts trainable while pretraining; frozen (and in eval mode) afterwards if asked."""
+        self._frozen = not self.pretraining(epoch) and self.options.freeze_experts
+        for p in self.experts.parameters():
+            p.requires_grad_(not self._frozen)
+        if self._frozen:
+            self.experts.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self._frozen:
+            self.experts.eval()
+        return self
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self._apply_stage(epoch)
+
+    # -- forward ------------------------------------------------------------------------------
+    def gate_logits(self, batch: Batch) -> torch.Tensor:
+        return self.gate(self.gate_input(batch))
+
+    def route(self, batch: Batch) -> torch.Tensor:
+        """Training-time gate weights (B, E): soft, or straight-through hard."""
+        o = self.options
+        return gate_weights(self.gate_logits(batch), o.temperature, o.hard_gate,
+                            gumbel=o.gumbel and self.training)
+
+    def mixture(self, batch: Batch, weights: torch.Tensor) -> Output:
+        """z = Σ_e w_e z^e with every expert run on the whole batch."""
+        logits, per_mod = None, {}
+        for i, expert in enumerate(self.experts.values()):
+            z, per = expert(batch)
+            w = weights[:, i:i + 1].to(z.dtype)
+            logits = w * z if logits is None else logits + w * z
+            for m, zm in per.items():
+                per_mod[m] = per_mod.get(m, 0) + w * zm
+        per_mod = {m: per_mod.get(m, torch.zeros_like(logits)) for m in self.modalities}
+        return Output(logits, per_mod)
+
+    def forward(self, batch: Batch) -> Output:
+        return self.mixture(batch, self.route(batch))
+
+    def predict(self, batch: Batch) -> Output:
+        """Hard routing: each sample runs only its selected expert."""
+        choice = self.gate_logits(batch).argmax(1)  # argmax of softmax(g / τ) for any τ > 0
+        b = choice.shape[0]
+        logits = torch.zeros(b, self.spec.num_classes, device=choice.device)
+        per_mod = {m: torch.zeros_like(logits) for m in self.modalities}
+        for i, expert in enumerate(self.experts.values()):
+            idx = (choice == i).nonzero(as_tuple=True)[0]  # a host sync: routing needs the sizes
+            if idx.numel() == 0:
+                continue
+            z, per = expert(subset(batch, idx))
+            logits = logits.index_put((idx,), z.float())
+            for m, zm in per.items():
+                per_mod[m] = per_mod[m].index_put((idx,), zm.float())
+        self._eval_counts += torch.bincount(choice, minlength=len(self.experts)).cpu().float()
+        return Output(logits, per_mod)
+
+    # -- loss and step ------------------------------------------------------------------------
+    def routing_logs(self, weights: torch.Tensor, counts: torch.Tensor | None = None) -> dict:
+        """Fraction routed to each expert, E[FLOPs] per sample and the saving."""
+        w = weights.detach().float()
+        if counts is None:
+            counts = F.one_hot(w.argmax(1), len(self.experts)).sum(0).float()
+        frac = counts / counts.sum().clamp(min=1)
+        flops = expected_flops(w, self.expert_flops.to(w.device))
+        logs = {f"dynmm/route_{n}": frac[i] for i, n in enumerate(self.experts)}
+        logs["dynmm/flops"] = flops
+        logs["dynmm/flops_saving"] = flops_saving(flops, self.expert_flops.to(w.device))
+        return logs
+
+    def routing_summary(self, reset: bool = True) -> dict[str, float]:
+        """Routing of the `predict` calls so far (e.g. one evaluation of the test split)."""
+        n = self._eval_counts.sum().clamp(min=1)
+        # Hard routing: mean(w_e) is the fraction routed to e.
+        logs = self.routing_logs((self._eval_counts / n).unsqueeze(0), self._eval_counts)
+        if reset:
+            self._eval_counts = torch.zeros_like(self._eval_counts)
+        return {k: float(v) for k, v in logs.items()}
+
+    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        self._apply_stage(ctx.epoch)  # idempotent; also right when on_epoch_start was not called
+        label = batch["label"]
+        if self.pretraining(ctx.epoch):
+            with ctx.autocast():
+                outs = {n: e(batch)[0] for n, e in self.experts.items()}
+            parts = {f"loss/{n}": self.criterion(z, label) for n, z in outs.items()}
+            loss = torch.stack(list(parts.values())).sum()
+        else:
+            with ctx.autocast():
+                weights = self.route(batch)
+                out = self.mixture(batch, weights)
+            task = self.criterion(out.logits, label)
+            resource = resource_loss(weights, self.expert_flops)
+            loss = task + self.options.resource_weight * resource
+            parts = {"loss/task": task, "loss/resource": resource, **self.routing_logs(weights)}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.sync_grads(self)
+        logs = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
+                **self.grad_norms()}
+        optimizer.step()
+        return logs
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The measured costs (FLOPs per sample) of every expert and of the gate."""
+        costs = {f"dynmm/cost_{n}": float(c) for n, c in zip(self.experts, self.expert_flops)}
+        return {**costs, "dynmm/cost_gate": float(self.gate_flops)}
