@@ -61,3 +61,20 @@ def test_local_weights_load_strictly_and_errors_name_the_file(tmp_path):
 def test_open_clip_tokenizer_gives_clip_ids():
     ids = tokenize("a photo of a cat", TextFeatures(tokenizer="open_clip", max_tokens=32))
     assert ids.shape == (32,) and ids[0] == 49406 and 49407 in ids.tolist()  # start/end of text
+
+
+def test_clip_builds_locally_loads_strictly_and_freezes(tmp_path):
+    from mmray.encoders.pretrained import build_clip
+
+    src = build_clip("mmray-tiny")
+    torch.save(src.state_dict(), tmp_path / "clip.pt")
+    clip = build_clip("mmray-tiny", str(tmp_path / "clip.pt"), freeze=True)
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), clip.state_dict().values()))
+    assert not any(p.requires_grad for p in clip.parameters()) and not clip.training
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        build_clip("mmray-tiny", str(tmp_path / "absent.pt"))
+    torch.save({k: v for k, v in src.state_dict().items() if "visual" not in k}, tmp_path / "text.pt")
+    with pytest.raises(ValueError, match="text.pt does not match the architecture"):
+        build_clip("mmray-tiny", str(tmp_path / "text.pt"))
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
+        build_clip("ViT-Nope")

@@ -67,23 +67,48 @@ def register_tiny_clip() -> None:
     _MODEL_CONFIGS.setdefault("mmray-tiny", TINY_CLIP)
 
 
+def build_clip(model_name: str, weights: str = "", freeze: bool = False) -> nn.Module:
+    """An open_clip CLIP model (both towers) built locally; weights only from the local file
+    `weights`, loaded strictly. With `freeze` every parameter stops training and the model is
+    put in eval mode (a frozen backbone: no dropout, and the caller keeps it in eval).
+
+    Without weights the model is randomly initialised: right for tests and the tiny demo
+    config ("mmray-tiny"), meaningless as a frozen backbone for real data.
+    """
+    import logging
+
+    import open_clip
+
+    register_tiny_clip()
+    known = open_clip.list_models()
+    if model_name not in known:
+        raise ValueError(f"unknown open_clip model {model_name!r}; known: mmray-tiny and "
+                         f"{len(known) - 1} open_clip configs such as ViT-B-16, ViT-L-14, ViT-H-14")
+    # open_clip logs a warning for every model built without its hub weights: expected here.
+    log = logging.getLogger()
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        clip = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        log.setLevel(level)
+    if weights:
+        load_local_weights(clip, weights, f"open_clip {model_name}")
+    if freeze:
+        clip.requires_grad_(False)
+        clip.eval()
+    return clip
+
+
 class OpenClipText(nn.Module):
     """open_clip's text tower over open_clip token ids (see `data.text.tokenizer`)."""
 
     def __init__(self, model_name: str, out_dim: int, weights: str = "", freeze: bool = False):
-        import open_clip
-
         super().__init__()
-        register_tiny_clip()
-        clip = open_clip.create_model(model_name, pretrained=None)
-        if weights:
-            load_local_weights(clip, weights, f"open_clip {model_name}")
+        clip = build_clip(model_name, weights, freeze)
         # Keep only what encode_text uses; the image tower is not needed here.
         self.clip = clip
         self.clip.visual = None
-        if freeze:
-            for p in self.clip.parameters():
-                p.requires_grad_(False)
         self.proj = nn.Linear(clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor)
                               else clip.text_projection.out_features, out_dim)
         self.out_dim = out_dim
