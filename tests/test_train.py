@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmray.config import MethodConfig
+from mmray.data.reader import read_split
 from mmray.methods import METHODS
 from mmray.train.loop import run_local
 
@@ -24,6 +25,34 @@ def test_local_run_trains_and_reports_every_metric(tiny_data, tmp_path):
     assert "test/acc" not in history[0]  # the test split is only evaluated after the last epoch
     assert history[-1]["train/loss"] < history[0]["train/loss"]
     assert (tmp_path / "ckpt" / "state.pt").is_file()
+
+
+def test_the_final_test_evaluation_measures_the_final_module(tiny_data, tmp_path, monkeypatch):
+    """The test split is evaluated once, on `final_module()` (M2PT's merged model); val is not."""
+    import copy
+
+    import torch
+
+    from mmray.methods.normal import Normal
+
+    calls = []
+
+    def blank_copy(self):  # a deployable form that predicts class 0 for every sample
+        calls.append(self.training)
+        other = copy.deepcopy(self)
+        with torch.no_grad():
+            other.head.fc.weight.zero_()
+            other.head.fc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        return other
+
+    cfg, prepared = tiny_data
+    plain = run_local(cfg, prepared.version_dir)
+    monkeypatch.setattr(Normal, "final_module", blank_copy)
+    history = run_local(cfg, prepared.version_dir)
+    assert calls == [False]  # once, after training, in eval mode
+    labels = read_split(prepared.version_dir, "test")["label"]
+    assert history[-1]["test/acc"] == pytest.approx(float((labels == 0).mean()))
+    assert [h["val/acc"] for h in history] == [h["val/acc"] for h in plain]  # the trained model
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_data, tmp_path):

@@ -94,6 +94,11 @@ class Method(nn.Module):
         """Evaluation-time outputs; methods with a test-time fusion rule (MLA) override this."""
         return self(batch)
 
+    def final_module(self) -> Method:
+        """The model the final test evaluation (and its cost) measures: this one, or a
+        deployable form of it built without changing it, e.g. M2PT's merged weights."""
+        return self
+
     # -- loss and step ------------------------------------------------------------------------
     def criterion(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if self.spec.multilabel:

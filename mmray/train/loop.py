@@ -180,7 +180,10 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
         metrics["time/train_epoch_s"] = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1
         for split in splits:
-            if split != "test" or last:
+            if split == "test" and last:  # the deployable model (e.g. M2PT merged), once
+                metrics.update(evaluate(state.method.final_module(), batches(split, epoch), ctx,
+                                        split, reduce))
+            elif split != "test":
                 metrics.update(evaluate(state.method, batches(split, epoch), ctx, split, reduce))
         metrics["epoch"] = epoch
         metrics["lr"] = state.optimizer.param_groups[0]["lr"]
