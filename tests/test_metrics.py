@@ -44,3 +44,37 @@ def test_reduce_sees_all_counts_once():
     acc.update(Output(torch.tensor([[1.0, 0.0]]), {}), torch.tensor([0]), torch.tensor(0.5))
     m = acc.compute("val", reduce=lambda t: t * 2)  # as if a second worker saw the same
     assert m["val/acc"] == 1.0 and m["val/loss"] == 0.5
+
+
+def test_top5_accuracy_with_more_than_five_classes():
+    acc = MetricAccumulator(DatasetSpec("t", MODS, 7), ["a"])
+    z = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]] * 3)  # ranks classes 0..6 in order
+    y = torch.tensor([4, 5, 0])  # 5th (in top 5), 6th (not), 1st (in)
+    acc.update(Output(z, {"a": z}), y, torch.tensor(0.0))
+    m = acc.compute("test")
+    assert m["test/acc"] == 1 / 3 and m["test/acc_top5"] == 2 / 3
+    assert "test/acc_top5" not in MetricAccumulator(DatasetSpec("t", MODS, 5), ["a"]).compute("x")
+
+
+def test_auroc_matches_the_rank_statistic_across_batches_and_workers():
+    from mmray.train.metrics import AUROC_BINS
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (300,), generator=g)
+    logits = torch.randn(300, 2, generator=g) + torch.stack([-y, y], 1).float()
+    p1 = torch.softmax(logits, 1)[:, 1]
+    pos, neg = p1[y == 1], p1[y == 0]
+    diff = pos.view(-1, 1) - neg.view(1, -1)  # every (positive, negative) pair
+    exact = float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+    acc = MetricAccumulator(DatasetSpec("t", MODS, 2), ["a"])
+    for k in range(0, 300, 64):
+        acc.update(Output(logits[k:k + 64], {}), y[k:k + 64], torch.tensor(0.0))
+    got = acc.compute("test")["test/auroc"]
+    close = int((diff.abs() < 1 / AUROC_BINS).sum())  # the only pairs binning may mis-rank
+    assert abs(got - exact) <= close / diff.numel() + 1e-12
+    assert 0.6 < exact < 1.0  # the scores carry the label: not a degenerate case
+    assert acc.compute("test", reduce=lambda t: t * 2)["test/auroc"] == got  # summed workers
+    perfect = MetricAccumulator(DatasetSpec("t", MODS, 2), ["a"])
+    perfect.update(Output(torch.tensor([[0.0, 5], [5, 0], [0, 4]]), {}), torch.tensor([1, 0, 1]),
+                   torch.tensor(0.0))
+    assert perfect.compute("v")["v/auroc"] == 1.0
