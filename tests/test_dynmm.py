@@ -284,9 +284,15 @@ def test_fusion_inference_runs_only_the_chosen_secondary_stages():
     method.gate_logits = lambda b: torch.tensor([[9.0, 0, 0, 0]] * 4)
     method.predict(batch)
     assert calls == [0, 0, 0]
+    assert method.eval_counts().tolist() == [4, 0, 0, 0]
     method.gate_logits = lambda b: torch.tensor([[0, 9.0, 0, 0], [0, 0, 0, 9.0]] * 2)
     out = method.predict(batch)
     assert calls == [2, 1, 1]  # k=1 runs stage 1; k=3 runs all three (each group once)
+    routed = method.eval_metrics(method.eval_counts())  # this predict's routing only
+    costs = method.choice_flops
+    assert routed["dynmm/route_k1"] == routed["dynmm/route_k3"] == 0.5
+    assert routed["dynmm/flops"] == pytest.approx(float((costs[1] + costs[3]) / 2))
+    assert routed["dynmm/flops_saving"] == pytest.approx(float(1 - (costs[1] + costs[3]) / 2 / costs[3]))
     with torch.no_grad():
         full = method.forward_fixed(batch, STAGES).logits
         same = method.mixture(batch, torch.eye(STAGES + 1)[[STAGES] * 4]).logits

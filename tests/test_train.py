@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from mmray.config import MethodConfig
@@ -23,6 +24,8 @@ def test_local_run_trains_and_reports_every_metric(tiny_data, tmp_path):
                 "test/acc_audio", "lr", "time/train_epoch_s"):
         assert key in last and math.isfinite(last[key]), key
     assert "test/acc" not in history[0]  # the test split is only evaluated after the last epoch
+    for key in ("cost/flops_per_sample", "cost/params", "cost/trainable_params", "cost/latency_ms"):
+        assert last[key] > 0 and key not in history[0], key
     assert history[-1]["train/loss"] < history[0]["train/loss"]
     assert (tmp_path / "ckpt" / "state.pt").is_file()
 
@@ -30,8 +33,6 @@ def test_local_run_trains_and_reports_every_metric(tiny_data, tmp_path):
 def test_the_final_test_evaluation_measures_the_final_module(tiny_data, tmp_path, monkeypatch):
     """The test split is evaluated once, on `final_module()` (M2PT's merged model); val is not."""
     import copy
-
-    import torch
 
     from mmray.methods.normal import Normal
 
@@ -53,6 +54,33 @@ def test_the_final_test_evaluation_measures_the_final_module(tiny_data, tmp_path
     labels = read_split(prepared.version_dir, "test")["label"]
     assert history[-1]["test/acc"] == pytest.approx(float((labels == 0).mean()))
     assert [h["val/acc"] for h in history] == [h["val/acc"] for h in plain]  # the trained model
+
+
+def test_cost_is_measured_on_the_test_split_as_the_model_ran(tiny_data, tmp_path):
+    """FLOPs per sample: a static model's equal one forward's count; DynMM is charged for the
+    experts its gate chose on the test split, plus the gate."""
+    from mmray.cost import count_params, flops_per_sample
+    from mmray.data.reader import collate, spec_of
+    from mmray.train.loop import build_state
+
+    cfg, prepared = tiny_data
+    history = run_local(cfg, prepared.version_dir)
+    spec = spec_of(prepared.manifest)
+    method = build_state(cfg, spec, torch.device("cpu")).method
+    test = read_split(prepared.version_dir, "test")
+    batch = collate({k: v[:4] for k, v in test.items()}, spec)
+    assert history[-1]["cost/flops_per_sample"] == flops_per_sample(method, batch, method.predict)
+    assert history[-1]["cost/params"] == count_params(method)
+
+    dyn = dataclasses.replace(cfg, method=MethodConfig("dynmm", "concat", {"pretrain_epochs": 1}))
+    last = run_local(dyn, prepared.version_dir)[-1]
+    routed = {k: last[f"test/dynmm/route_{k}"] for k in ("audio", "late_fusion")}
+    assert sum(routed.values()) == pytest.approx(1.0)
+    assert last["cost/flops_per_sample"] == pytest.approx(last["test/dynmm/flops"] + last["dynmm/cost_gate"])
+    assert last["test/dynmm/flops"] == pytest.approx(
+        routed["audio"] * last["dynmm/cost_audio"] + routed["late_fusion"] * last["dynmm/cost_late_fusion"])
+    assert last["test/dynmm/flops_saving"] == pytest.approx(
+        1 - last["test/dynmm/flops"] / last["dynmm/cost_late_fusion"])
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_data, tmp_path):

@@ -152,3 +152,13 @@ class Method(nn.Module):
     def epoch_metrics(self) -> dict[str, float]:
         """Method-specific values to log once per epoch (e.g. OGM-GE coefficients)."""
         return {}
+
+    def eval_counts(self) -> torch.Tensor | None:
+        """Counts this method gathered during `predict` calls since the last call (then reset),
+        e.g. DynMM's samples per expert; the loop sums them over workers and passes them to
+        `eval_metrics`. None: nothing to report."""
+        return None
+
+    def eval_metrics(self, counts: torch.Tensor) -> dict[str, float]:
+        """Values to log for an evaluated split, from its (worker-summed) `eval_counts`."""
+        return {}

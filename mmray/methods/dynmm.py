@@ -315,14 +315,21 @@ class DynMM(Method):
         logs["dynmm/flops_saving"] = flops_saving(flops, self.expert_flops.to(w.device))
         return logs
 
-    def routing_summary(self, reset: bool = True) -> dict[str, float]:
-        """Routing of the `predict` calls so far (e.g. one evaluation of the test split)."""
-        n = self._eval_counts.sum().clamp(min=1)
+    def eval_counts(self) -> torch.Tensor:
+        """Samples routed to each expert by `predict` since the last call (then reset)."""
+        counts, self._eval_counts = self._eval_counts, torch.zeros_like(self._eval_counts)
+        return counts
+
+    def eval_metrics(self, counts: torch.Tensor) -> dict[str, float]:
+        """Routing of an evaluated split: fraction per expert, E[FLOPs] per sample, saving."""
+        counts = counts.float()
         # Hard routing: mean(w_e) is the fraction routed to e.
-        logs = self.routing_logs((self._eval_counts / n).unsqueeze(0), self._eval_counts)
-        if reset:
-            self._eval_counts = torch.zeros_like(self._eval_counts)
-        return {k: float(v) for k, v in logs.items()}
+        frac = (counts / counts.sum().clamp(min=1)).unsqueeze(0)
+        return {k: float(v) for k, v in self.routing_logs(frac, counts).items()}
+
+    def routing_summary(self) -> dict[str, float]:
+        """Routing of the `predict` calls since the last summary (one worker's view)."""
+        return self.eval_metrics(self.eval_counts())
 
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         self._apply_stage(ctx.epoch)  # idempotent; also right when on_epoch_start was not called

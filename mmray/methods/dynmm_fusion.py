@@ -144,6 +144,7 @@ class DynMMFusion(Method):
         self.register_buffer("choice_flops", torch.tensor(costs, dtype=torch.float32),
                              persistent=False)  # measured, never loaded from a checkpoint
         self.gate_flops = flops_per_sample(self, example, call=self.gate_logits)
+        self._eval_counts = torch.zeros(STAGES + 1)  # samples per choice in `predict`
         self.on_epoch_start(0)
 
     # -- schedule -----------------------------------------------------------------------------
@@ -213,7 +214,21 @@ class DynMMFusion(Method):
             logits = logits.index_put((idx,), out.logits.float())
             for m, z in out.per_modality.items():
                 per_mod[m] = per_mod[m].index_put((idx,), z.float())
+        self._eval_counts += torch.bincount(choice, minlength=STAGES + 1).cpu().float()
         return Output(logits, per_mod)
+
+    def eval_counts(self) -> torch.Tensor:
+        """Samples given each choice k by `predict` since the last call (then reset)."""
+        counts, self._eval_counts = self._eval_counts, torch.zeros_like(self._eval_counts)
+        return counts
+
+    def eval_metrics(self, counts: torch.Tensor) -> dict[str, float]:
+        """Fraction of samples per choice, E[FLOPs] per sample and the saving against C_S."""
+        frac = counts.float() / counts.sum().clamp(min=1)
+        flops = expected_flops(frac.unsqueeze(0), self.choice_flops.cpu())
+        return {**{f"dynmm/route_k{k}": float(frac[k]) for k in range(STAGES + 1)},
+                "dynmm/flops": float(flops),
+                "dynmm/flops_saving": float(1 - flops / self.choice_flops.max().cpu())}
 
     # -- loss and step ------------------------------------------------------------------------
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:

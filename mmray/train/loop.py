@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mmray.config import ExperimentConfig, TrainConfig
+from mmray.cost import count_params
 from mmray.data.spec import DatasetSpec
 from mmray.methods import Batch, Method, StepContext, build_method
 from mmray.train.metrics import MetricAccumulator
@@ -151,16 +153,44 @@ def train_epoch(state: RunState, batches: Iterable[Batch], ctx: StepContext) -> 
 
 @torch.no_grad()
 def evaluate(method: Method, batches: Iterable[Batch], ctx: StepContext, split: str,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Fused and per-modality metrics over a split; `reduce` sums counts across workers."""
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             measure_cost: bool = False) -> dict[str, float]:
+    """Fused and per-modality metrics over a split; `reduce` sums counts across workers.
+
+    With `measure_cost`, also what the model costs (METHODS.md §5, `mmray.cost`): FLOPs per
+    sample counted on every forward of the split, so a routed model (DynMM) is charged for the
+    paths it actually took; parameters; and the median latency of one batch.
+    """
+    from mmray.cost import latency
+
     method.eval()
     acc = MetricAccumulator(method.spec, method.modalities)
+    flops = torch.zeros(2, dtype=torch.float64)  # [FLOPs counted, samples]
+    example = None
     for batch in batches:
-        with ctx.autocast():
+        counter = FlopCounterMode(display=False) if measure_cost else contextlib.nullcontext()
+        with ctx.autocast(), counter:
             out = method.predict(batch)
+        if measure_cost:
+            flops += torch.tensor([counter.get_total_flops(), len(batch["id"])], dtype=torch.float64)
+            example = example if example is not None else batch
         loss = method.criterion(out.logits, batch["label"])
         acc.update(out, batch["label"], loss)
-    return acc.compute(split, reduce)
+    metrics = acc.compute(split, reduce)
+    counts = method.eval_counts()  # e.g. DynMM's routing; summed over workers like the rest
+    if counts is not None:
+        reduced = reduce(counts.double()) if reduce is not None else counts.double()
+        metrics.update({f"{split}/{k}": v for k, v in method.eval_metrics(reduced).items()})
+    if measure_cost:
+        total = reduce(flops) if reduce is not None else flops
+        metrics["cost/flops_per_sample"] = float(total[0] / total[1].clamp(min=1))
+        metrics["cost/params"] = float(count_params(method))
+        if example is not None:
+            with ctx.autocast():
+                seconds = latency(method, example, call=method.predict)
+            metrics["cost/latency_ms"] = 1000.0 * seconds
+            method.eval_counts()  # drop what the timed forwards added
+    return metrics
 
 
 def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: ReportFn,
@@ -179,12 +209,16 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
         metrics = train_epoch(state, batches("train", epoch), ctx)
         metrics["time/train_epoch_s"] = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1
+        cost_split = "test" if "test" in splits else "val"  # the run's last evaluation
         for split in splits:
-            if split == "test" and last:  # the deployable model (e.g. M2PT merged), once
-                metrics.update(evaluate(state.method.final_module(), batches(split, epoch), ctx,
-                                        split, reduce))
-            elif split != "test":
-                metrics.update(evaluate(state.method, batches(split, epoch), ctx, split, reduce))
+            if split == "test" and not last:
+                continue
+            # The test split is evaluated once, on the deployable model (e.g. M2PT merged).
+            module = state.method.final_module() if split == "test" else state.method
+            metrics.update(evaluate(module, batches(split, epoch), ctx, split, reduce,
+                                    measure_cost=last and split == cost_split))
+        if last:
+            metrics["cost/trainable_params"] = float(count_params(state.method, trainable_only=True))
         metrics["epoch"] = epoch
         metrics["lr"] = state.optimizer.param_groups[0]["lr"]
         state.epoch = epoch + 1
