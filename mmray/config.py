@@ -72,11 +72,16 @@ class SyntheticConfig:
         for m in self.modalities:
             if m not in self.strength:
                 errors.append(f"{path}.strength: no strength for modality {m!r}")
+        known = ("audio", "image", "text")
         for m, s in self.strength.items():
-            if m not in self.modalities:
-                errors.append(f"{path}.strength.{m}: not one of the modalities {self.modalities}")
+            if m not in known:
+                errors.append(f"{path}.strength.{m}: not a modality; accepted: {', '.join(known)}")
             elif not 0.0 <= s <= 1.0:
                 errors.append(f"{path}.strength.{m}: {s} is outside [0, 1]")
+        # Strengths of modalities not written are dropped: configs merge mappings, so an
+        # included base's {audio: ...} must not leak into an image-text dataset's arguments.
+        self.strength = {m: s for m, s in self.strength.items()
+                         if m in self.modalities or m not in known}
         if len(self.splits) != 3 or any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
             errors.append(f"{path}.splits: {self.splits} must be 3 non-negative fractions "
                           "(train, val, test) summing to 1")
@@ -354,6 +359,8 @@ class AblationConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     # Categorical axes: experiment key path -> values, e.g. method.name: [normal, ogm_ge]; a
     # mapping value is merged at its key, e.g. method: [{name: mla, options: {fusion_rule: fixed}}].
+    # A value that names another method than the base's starts from that method's default
+    # options (the base's method.options belong to the base's method).
     grid: dict[str, list[Any]] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -370,7 +377,7 @@ class AblationConfig:
                 continue
             for v in values:  # every value of every axis must make a valid experiment
                 try:
-                    from_dict(ExperimentConfig, merge_path(copy.deepcopy(base), key, v))
+                    from_dict(ExperimentConfig, apply_grid_value(copy.deepcopy(base), key, v))
                 except (ConfigError, KeyError) as e:
                     msg = e.errors if isinstance(e, ConfigError) else [str(e)]
                     errors.extend(f"grid.{key}={v!r}: {m}" for m in msg)
@@ -567,6 +574,19 @@ def merge_path(d: dict, key: str, value: Any) -> dict:
     if isinstance(value, Mapping) and isinstance(node, dict):
         value = _deep_merge(node, value)
     return set_path(d, key, value)
+
+
+def apply_grid_value(exp: dict, key: str, value: Any) -> dict:
+    """`merge_path` of one grid value into an experiment dict; a value that switches the method
+    drops the base's method options first (they are options of the base's method)."""
+    if key == "method" and isinstance(value, Mapping):
+        name = value.get("name")
+    else:
+        name = value if key == "method.name" else None
+    method = exp.get("method")
+    if name is not None and isinstance(method, dict) and method.get("name") != name:
+        method.pop("options", None)
+    return merge_path(exp, key, value)
 
 
 def value_label(value: Any) -> str:

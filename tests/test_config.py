@@ -42,11 +42,33 @@ def test_defaults_are_valid():
     ("train.bogus=1", "train.bogus: unknown key; known: ["),
     ("method.fusion=avg", "method.fusion: 'avg' is not accepted; accepted: one of 'concat', 'sum'"),
     ("data.synthetic.strength={audio: 1.5, image: 0.5}", "data.synthetic.strength.audio: 1.5 is outside [0, 1]"),
+    ("data.synthetic.strength={audoi: 0.5}", "data.synthetic.strength.audoi: not a modality; accepted: audio, image, text"),
+    ("data.synthetic.modalities=[image, text]", "data.synthetic.strength: no strength for modality 'text'"),
     ("method.options={gamma: 1}", "method.options.gamma: unknown key"),
     ("train.mixed_precision=1", "train.mixed_precision: expected true or false, got 1"),
 ])
 def test_each_error_names_the_key(override, expected):
     assert expected in _errors([override])
+
+
+def test_strengths_of_modalities_not_written_are_dropped(tmp_path):
+    # The included base sets {audio: 0.9, image: 0.5}; mappings merge, so audio stays unless dropped.
+    (tmp_path / "it.yaml").write_text(
+        f"include: [{CONFIGS / 'base.yaml'}]\n"
+        "data: {synthetic: {modalities: [image, text], strength: {image: 0.9, text: 0.6}}}\n")
+    cfg = load_config(tmp_path / "it.yaml")
+    assert cfg.data.synthetic.strength == {"image": 0.9, "text": 0.6}
+
+
+def test_a_grid_value_switching_the_method_starts_from_its_default_options():
+    from mmray.tune.sweep import trial_experiment
+
+    base = to_dict(load_config(None, ["method.name=ogm_ge", "method.options={alpha: 0.3}"]))
+    exp = trial_experiment(base, {"method": {"name": "normal"}}, {})
+    assert exp.method.name == "normal" and exp.method.options == {}
+    assert trial_experiment(base, {"method.name": "qmf"}, {}).method.options["rank_weight"] == 1.0
+    same = trial_experiment(base, {"method": {"name": "ogm_ge", "options": {"conv_only": True}}}, {})
+    assert same.method.options["alpha"] == 0.3 and same.method.options["conv_only"] is True
 
 
 def test_errors_are_gathered_into_one_message():

@@ -23,10 +23,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from mmray.config import (
     AblationConfig,
     ExperimentConfig,
+    apply_grid_value,
     config_hash,
     flatten,
     from_dict,
-    merge_path,
     to_dict,
     value_label,
 )
@@ -38,7 +38,7 @@ from mmray.tune.search import CellSearcher, expand_grid
 def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:
     exp = copy.deepcopy(base)
     for key, value in {**cell, **params}.items():
-        merge_path(exp, key, value)
+        apply_grid_value(exp, key, value)
     return from_dict(ExperimentConfig, exp)
 
 
