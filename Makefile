@@ -28,6 +28,7 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/dynmm_cost.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
