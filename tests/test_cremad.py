@@ -19,6 +19,7 @@ from mmray.data.sources.base import frame_files
 from mmray.data.sources.cremad import EMOTIONS
 
 SR = 16000
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _clips(per_emotion: int) -> list[str]:
@@ -227,3 +228,33 @@ def test_preprocess_shapes_match_spec_and_bad_clips_are_skipped(ray_local, tmp_p
     before = _fingerprint(get_source("cremad"), data, items)
     Image.new("RGB", (20, 20), (1, 2, 3)).save(bad / "frame_00001.jpg")
     assert _fingerprint(get_source("cremad"), data, items) != before
+
+
+@pytest.mark.ray
+def test_the_balance_grid_runs_on_cremad_with_one_override_of_the_data_root(ray_local, tmp_path):
+    """configs/ablations/balance_cremad.yaml as the sweep builds each trial: every cell (ResNet18
+    encoders as configured) trains on CREMA-D files, sized down to seconds."""
+    from mmray.cli import prepare_data
+    from mmray.config import AblationConfig, to_dict
+    from mmray.train.loop import run_local
+    from mmray.tune.search import expand_grid
+    from mmray.tune.sweep import trial_experiment
+
+    root = _write(tmp_path / "CREMA-D", _clips(4), frames=3)
+    shrink = [f"data.data_dir={tmp_path / 'shards'}", "data.audio.seconds=0.25",
+              "data.image.size=16", "data.frames=2", "train.epochs=1", "train.batch_size=8",
+              "model.feature_dim=16", "data.cremad.test=0.25", "data.cremad.val=0.34",
+              "grid.seed=[0]"]
+    abl = load_config(CONFIGS / "ablations" / "balance_cremad.yaml", [f"data.root={root}", *shrink],
+                      cls=AblationConfig)
+    assert abl.experiment.data.dataset == "cremad" and abl.experiment.model.encoder == "timm"
+    prepared = prepare_data(abl.experiment.data)
+    assert prepared.manifest["spec"]["modalities"]["visual"]["shape"] == [6, 16, 16]
+    base = to_dict(abl.experiment)
+    names = []
+    for cell in expand_grid(abl.grid):
+        cfg = trial_experiment(base, cell, {})
+        last = run_local(cfg, prepared.version_dir)[-1]
+        names.append(cfg.method.name)
+        assert 0.0 <= last["test/acc"] <= 1.0 and "val/acc_visual" in last and "val/acc_audio" in last
+    assert names == ["normal", "ogm_ge", "qmf", "mla", "mla"]
