@@ -40,9 +40,7 @@ def run(cfg: ExperimentConfig, name: str, storage_path: str, local: bool) -> dic
     parent = ml.start_parent(client, exp_id, f"train:{name}", "train", params={}, tags={})
     run_id, status = ml.child_run(
         client, exp_id, parent, name, flatten(to_dict(cfg)),
-        {"method": cfg.method.name, "dataset": cfg.data.dataset, "seed": str(cfg.seed),
-         "config_hash": config_hash(cfg), "data_version": prepared.manifest["version"],
-         "git_commit": ml.git_commit()})
+        ml.run_tags(cfg, prepared.manifest["version"], ml.git_commit()))
     if status == "FINISHED":
         print(f"run {name} already finished; metrics from MLflow run {run_id}")
         return ml.final_metrics(client, run_id)

@@ -133,7 +133,9 @@ def test_ray_train_run_logs_epochs_to_mlflow(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     rc = train_script.main([
         "--config", "configs/base.yaml", "--name", "r1", "--storage-path", str(tmp_path / "runs"),
-        *[f"{k}={v}" for k, v in _data_overrides(cfg).items()], "train.epochs=2"])
+        *[f"{k}={v}" for k, v in _data_overrides(cfg).items()], "train.epochs=2",
+        # Missing modalities through the Ray Data shards: tables applied by sample id in workers.
+        "data.missing={train_rate: 0.5, test_rate: 0.2, type: image, seed: 9, eval_rates: [0.2, 0.8]}"])
     assert rc == 0
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("mmray")
@@ -141,6 +143,11 @@ def test_ray_train_run_logs_epochs_to_mlflow(tiny_data, tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
     assert "test/acc" in run.data.metrics and run.data.tags["data_version"] == prepared.manifest["version"]
+    assert run.data.tags["missing_train_rate"] == "0.5" and run.data.tags["missing_type"] == "image"
+    metrics = run.data.metrics
+    assert metrics["test_miss_image_0.2/acc"] == metrics["test/acc"]  # the run's own test table
+    assert "test_miss_image_0.8/acc_audio" in metrics and "cost/flops_per_sample" in metrics
+    assert (prepared.version_dir / "missing" / "train-image-0.5-seed9.parquet").is_file()
 
 
 def _data_overrides(cfg) -> dict:

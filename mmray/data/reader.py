@@ -34,7 +34,7 @@ def spec_of(manifest: dict) -> DatasetSpec:
     return DatasetSpec.from_dict(manifest["spec"])
 
 
-def _files(version_dir: str | Path, split: str) -> list[Path]:
+def shard_files(version_dir: str | Path, split: str) -> list[Path]:
     files = sorted((Path(version_dir) / split).glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no shards for split {split!r} in {version_dir}")
@@ -47,7 +47,7 @@ def read_split(version_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
     spec = spec_of(load_manifest(version_dir))
-    table = pa.concat_tables([pq.read_table(p) for p in _files(version_dir, split)])
+    table = pa.concat_tables([pq.read_table(p) for p in shard_files(version_dir, split)])
     cols: dict[str, np.ndarray] = {"id": np.asarray(table.column("id").to_pylist(), dtype=object)}
     label = table.column("label").to_pylist()
     cols["label"] = np.asarray(label, dtype=np.float32 if spec.multilabel else np.int64)
@@ -106,4 +106,4 @@ def ray_dataset(version_dir: str | Path, split: str):
     ctx.use_datasource_v2 = False  # its file-listing task reserves a whole CPU, with no override
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # deterministic order -> exact resumes
-    return ray.data.read_parquet([str(p) for p in _files(version_dir, split)], num_cpus=0)
+    return ray.data.read_parquet([str(p) for p in shard_files(version_dir, split)], num_cpus=0)

@@ -29,7 +29,8 @@ Where mmray differs from the reference implementation:
 - `init_epochs` gives each sample a random choice with the gate idle (the reference's `ini_stage`);
   everything trains jointly from scratch (the reference fine-tunes a pretrained ESANet).
 - Fusion is plain addition (the reference's `add`; `SE-add` is not offered). A secondary map of
-  another size is average-pooled to the primary's; missing secondary samples add nothing.
+  another size is average-pooled to the primary's; missing secondary samples add nothing, and a
+  missing primary's first-stage map is zeroed, so only the fused secondary stages inform it.
 - Per-modality logits are a decomposition of the last stage: z_secondary = f_S · W_h W_p pool(s_S)
   + b_h / 2 and z_primary = z − z_secondary (head W_h, b_h; projection W_p). Computing them is
   part of the measured C_S (2·(4w·d + d·C) FLOPs, small next to a conv stage).
@@ -174,8 +175,11 @@ class DynMMFusion(Method):
         """Run the stages; fuse[j] is stage j's per-sample fusion weight, None to skip it."""
         p, s = batch["inputs"][self.primary], batch["inputs"][self.secondary]
         present = batch["present"][self.secondary].float().view(-1, 1, 1, 1)
+        present_p = batch["present"][self.primary].view(-1, 1, 1, 1)
         for j, (stage_p, stage_s) in enumerate(zip(self.stages(self.primary), self.stages(self.secondary))):
             p = stage_p(p)
+            if j == 0:  # an absent primary contributes nothing; fused secondary maps still flow
+                p = p * present_p.to(p.dtype)
             if fuse[j] is not None:
                 s = stage_s(s)  # the secondary's stage j runs only when it is fused
                 p = p + fuse[j].view(-1, 1, 1, 1).to(p.dtype) * present * _align(s, p)

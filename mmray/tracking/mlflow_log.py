@@ -60,6 +60,25 @@ def git_commit(path: str | Path | None = None) -> str:
         return "unknown"
 
 
+def run_tags(cfg, data_version: str, commit: str) -> dict[str, str]:
+    """The tags every training run carries (`cfg`: an ExperimentConfig)."""
+    from mmray.config import config_hash
+
+    missing = cfg.data.missing
+    return {
+        "method": cfg.method.name,
+        "fusion": cfg.method.fusion,
+        "dataset": cfg.data.dataset,
+        "seed": str(cfg.seed),
+        "missing_train_rate": f"{missing.train_rate:g}",
+        "missing_test_rate": f"{missing.test_rate:g}",
+        "missing_type": missing.type,
+        "git_commit": commit,
+        "config_hash": config_hash(cfg),
+        "data_version": data_version,
+    }
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:

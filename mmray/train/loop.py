@@ -25,11 +25,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmray.config import ExperimentConfig, TrainConfig
 from mmray.cost import count_params
+from mmray.data.missing import MissingSpec, robustness_specs, split_specs
 from mmray.data.spec import DatasetSpec
 from mmray.methods import Batch, Method, StepContext, build_method
 from mmray.train.metrics import MetricAccumulator
 
-BatchesFn = Callable[[str, int], Iterable[Batch]]  # (split, epoch) -> batches
+# (split, epoch, missing-modality table to apply or None) -> batches
+BatchesFn = Callable[[str, int, "MissingSpec | None"], Iterable[Batch]]
 ReportFn = Callable[[int, dict, "RunState"], None]  # (epoch, metrics, state)
 
 CHECKPOINT_FILE = "state.pt"
@@ -202,21 +204,27 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
     the same random numbers as one that never stopped. The test split is evaluated only after the
     last epoch, so model selection never sees it.
     """
+    missing = split_specs(cfg.data.missing)
     for epoch in range(state.epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 100_003 + epoch)
         ctx.epoch = epoch
         t0 = time.perf_counter()
-        metrics = train_epoch(state, batches("train", epoch), ctx)
+        metrics = train_epoch(state, batches("train", epoch, missing["train"]), ctx)
         metrics["time/train_epoch_s"] = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1
         cost_split = "test" if "test" in splits else "val"  # the run's last evaluation
+        # The test split is evaluated once, on the deployable model (e.g. M2PT merged).
+        final = state.method.final_module() if last and "test" in splits else None
         for split in splits:
             if split == "test" and not last:
                 continue
-            # The test split is evaluated once, on the deployable model (e.g. M2PT merged).
-            module = state.method.final_module() if split == "test" else state.method
-            metrics.update(evaluate(module, batches(split, epoch), ctx, split, reduce,
-                                    measure_cost=last and split == cost_split))
+            module = final if split == "test" else state.method
+            metrics.update(evaluate(module, batches(split, epoch, missing[split]), ctx, split,
+                                    reduce, measure_cost=last and split == cost_split))
+        if final is not None:  # robustness: the test split at other missing rates and types
+            for spec in robustness_specs(cfg.data.missing):
+                m = evaluate(final, batches("test", epoch, spec), ctx, "test", reduce)
+                metrics.update({f"test_miss_{spec.tag}/{k.split('/', 1)[1]}": v for k, v in m.items()})
         if last:
             metrics["cost/trainable_params"] = float(count_params(state.method, trainable_only=True))
         metrics["epoch"] = epoch
@@ -233,19 +241,28 @@ def run_local(cfg: ExperimentConfig, version_dir: str | Path, checkpoint_dir: st
 
     `stop_after` ends the run after that many epochs of this call (to test resuming).
     """
+    from mmray.data import missing
     from mmray.data.reader import iter_batches, load_manifest, read_split, spec_of
 
     manifest = load_manifest(version_dir)
     spec = spec_of(manifest)
+    missing.check(cfg.data.missing, spec)
     device = resolve_device(cfg.train)
     state = build_state(cfg, spec, device)
     if checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_FILE).is_file():
         load_checkpoint(state, checkpoint_dir)
     columns = {s: read_split(version_dir, s) for s in ("train", "val", "test") if manifest["rows"].get(s)}
+    with_missing: dict[tuple, dict] = {}  # (split, spec) -> columns with the table applied
 
-    def batches(split: str, epoch: int):
+    def batches(split: str, epoch: int, miss: missing.MissingSpec | None):
+        cols = columns[split]
+        if miss is not None:
+            if (split, miss) not in with_missing:
+                table = missing.load(version_dir, manifest, split, miss)
+                with_missing[(split, miss)] = table.apply(cols)
+            cols = with_missing[(split, miss)]
         seed = cfg.seed * 1000 + epoch if split == "train" else None
-        return iter_batches(columns[split], spec, cfg.train.batch_size, shuffle_seed=seed, device=device)
+        return iter_batches(cols, spec, cfg.train.batch_size, shuffle_seed=seed, device=device)
 
     done = {"n": 0}
 

@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from mmray.config import ExperimentConfig, from_dict, to_dict
+from mmray.data import missing
 from mmray.data.reader import collate, load_manifest, ray_dataset, spec_of
 from mmray.train.loop import (
     CHECKPOINT_FILE,
@@ -94,7 +95,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     shards = {s: ray.train.get_dataset_shard(s) for s in SPLITS if manifest["rows"].get(s)}  # RAY
 
-    def batches(split: str, epoch: int):
+    tables: dict[tuple, missing.MissingTable] = {}
+
+    def batches(split: str, epoch: int, miss: missing.MissingSpec | None):
         shuffle = split == "train" and cfg.train.shuffle_buffer > 0
         it = shards[split].iter_batches(
             batch_size=cfg.train.batch_size,
@@ -102,7 +105,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.train.shuffle_buffer if shuffle else None,
             local_shuffle_seed=cfg.seed * 1000 + epoch if shuffle else None,
         )
-        return (collate(b, spec, device) for b in it)
+        if miss is None:
+            return (collate(b, spec, device) for b in it)
+        if (split, miss) not in tables:  # sampled once, stored beside the shards
+            tables[(split, miss)] = missing.load(version_dir, manifest, split, miss)
+        return (collate(tables[(split, miss)].apply(b), spec, device) for b in it)
 
     def report(epoch: int, metrics: dict, st: RunState) -> None:
         if tracker:
@@ -125,6 +132,7 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
                   tracking: dict | None = None, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for one experiment. The same `name` + `storage_path` resumes that run."""
     manifest = load_manifest(version_dir)
+    missing.check(cfg.data.missing, spec_of(manifest))  # a bad type fails here, not in a worker
     datasets = {s: ray_dataset(version_dir, s) for s in SPLITS if manifest["rows"].get(s)}
     if cfg.train.cache_data:
         datasets = {s: ds.materialize() for s, ds in datasets.items()}

@@ -42,19 +42,6 @@ def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any]) -
     return from_dict(ExperimentConfig, exp)
 
 
-def trial_tags(cfg: ExperimentConfig, context: dict, trial: str) -> dict[str, str]:
-    return {
-        ml.TRIAL_TAG: trial,
-        "method": cfg.method.name,
-        "fusion": cfg.method.fusion,
-        "dataset": cfg.data.dataset,
-        "seed": str(cfg.seed),
-        "git_commit": context["git_commit"],
-        "config_hash": config_hash(cfg),
-        "data_version": context["data_version"],
-    }
-
-
 def run_trial(config: dict, context: dict) -> None:
     """The Tune function trainable: one grid cell sample, trained as one Ray Train run."""
     from mmray.train.ray_train import build_trainer  # imported in the trial process only
@@ -65,7 +52,8 @@ def run_trial(config: dict, context: dict) -> None:
     params = flatten(to_dict(cfg))
     params.update({f"grid.{k}": value_label(v) for k, v in config["cell"].items()})
     run_id, status = ml.child_run(client, context["experiment_id"], context["parent_id"], trial,
-                                  params, trial_tags(cfg, context, trial))
+                                  params, {ml.TRIAL_TAG: trial, **ml.run_tags(
+                                      cfg, context["data_version"], context["git_commit"])})
     if status == "FINISHED":
         # Finished before an interruption: report what MLflow holds, train nothing again.
         tune.report({**ml.final_metrics(client, run_id), "mlflow_run_id": run_id})
