@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -231,3 +232,94 @@ def test_report_pipeline_prints_the_table_on_demand(sweep, tmp_path, monkeypatch
     assert rc == 0
     assert "| normal | 0.0 | 3 | 0.7500 ± 0.0500 [0.6258, 0.8742] |" in printed
     assert (tmp_path / "rep" / "abl" / "report.html").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: report.html in headless Chromium
+# ---------------------------------------------------------------------------------------------
+
+# Appended to a copy of report.html beside it: once everything has loaded, each <img> records its
+# natural width (0: the file did not load or decode). A deliberately broken image shows that the
+# check can fail.
+_PROBE = ('<img id="probe" src="no-such-file.png"><script>window.addEventListener("load", () => {'
+          'for (const i of document.images) i.setAttribute("data-width", i.naturalWidth);'
+          'document.body.setAttribute("data-loaded", "1");});</script>')
+
+
+def _chromium() -> str:
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium not found on PATH (make test installs Debian's `chromium`)")
+    return found
+
+
+def _dump_dom(browser: str, page, profile) -> str:
+    import subprocess
+
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+           "--dump-dom", page.as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+class _Dom:
+    """The tables (rows of cell texts), images and body attributes of a dumped DOM."""
+
+    def __init__(self, text: str):
+        from html.parser import HTMLParser
+
+        self.tables: list[list[list[str]]] = []
+        self.images: list[dict] = []
+        self.body: dict = {}
+        dom = self
+
+        class Parser(HTMLParser):
+            cell: list[str] | None = None
+
+            def handle_starttag(self, tag, attrs):
+                if tag == "table":
+                    dom.tables.append([])
+                elif tag == "tr":
+                    dom.tables[-1].append([])
+                elif tag in ("td", "th"):
+                    self.cell = []
+                elif tag == "img":
+                    dom.images.append(dict(attrs))
+                elif tag == "body":
+                    dom.body = dict(attrs)
+
+            def handle_endtag(self, tag):
+                if tag in ("td", "th") and self.cell is not None:
+                    dom.tables[-1][-1].append("".join(self.cell).strip())
+                    self.cell = None
+
+            def handle_data(self, data):
+                if self.cell is not None:
+                    self.cell.append(data)
+
+        Parser().feed(text)
+
+
+def test_html_report_renders_tables_and_images_in_chromium(sweep, tmp_path):
+    browser = _chromium()
+    html_text = (sweep["out"] / "report.html").read_text()
+    # self-contained: no stylesheet, script or font to fetch; images are files beside it
+    assert not any(s in html_text for s in ("<link", "<script", "url(", "@import", "href="))
+    assert sorted(re.findall(r'src="([^"]+)"', html_text)) == sorted(PNGS)
+    page = sweep["out"] / "browser_check.html"
+    page.write_text(html_text.replace("</body>", _PROBE + "</body>"))
+    dom = _Dom(_dump_dom(browser, page, tmp_path / "profile"))
+    assert dom.body.get("data-loaded") == "1", "the page's load event never fired"
+    cells, comps = dom.tables
+    assert cells[0][:4] == ["method.name", "data.missing.test_rate", "seeds", "test/acc"]
+    assert cells[1][:4] == ["normal", "0.0", "3", "0.7500 ± 0.0500 [0.6258, 0.8742]"]
+    assert len(cells) == 1 + 4 and len(comps) == 1 + 2
+    assert comps[0][6:8] == ["p", "p (Holm)"] and comps[1][2] == "3"
+    widths = {i["src"]: int(i["data-width"]) for i in dom.images}
+    assert widths.pop("no-such-file.png") == 0  # a missing file is caught
+    assert sorted(widths) == sorted(PNGS) and all(w > 0 for w in widths.values()), widths
