@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.smoke:
             overrides = [*smoke_overrides(tmp), f"storage_path={tmp}/runs", "grid={seed: [0, 1]}",
+                         "report.baseline={}",  # the smoke grid has no axis to compare along
                          *overrides]
         try:
             abl: AblationConfig = load_config(args.config, overrides, cls=AblationConfig)

@@ -323,3 +323,51 @@ def test_html_report_renders_tables_and_images_in_chromium(sweep, tmp_path):
     widths = {i["src"]: int(i["data-width"]) for i in dom.images}
     assert widths.pop("no-such-file.png") == 0  # a missing file is caught
     assert sorted(widths) == sorted(PNGS) and all(w > 0 for w in widths.values()), widths
+
+
+# ---------------------------------------------------------------------------------------------
+# The document from hand-made cells (no MLflow)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cells(table: dict[str, dict[str, float]], metric: str = "test/acc"):
+    from mmray.report.compare import CellResult
+
+    return [CellResult({"method.name": m}, {s: f"run-{m}-{s}" for s in vals}, {metric: vals})
+            for m, vals in table.items()]
+
+
+def test_rows_follow_the_grid_order_and_one_seed_says_undefined(tmp_path):
+    from mmray.report.compare import ReportOptions
+    from mmray.report.render import to_markdown
+    from mmray.report.writer import build_report
+
+    cells = _cells({"a": {"0": 0.5, "1": 0.7}, "b": {"0": 0.6}, "c": {"0": 0.4, "1": 0.8}})
+    opts = ReportOptions(axes=("method.name", "seed"), baseline=("method.name", "c"),
+                         values={"method.name": ["c", "b", "a"]})
+    report = build_report(cells, opts, "t", {}, tmp_path)
+    text = to_markdown(report.blocks)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "seeds" not in ln]
+    assert [r.split(" | ")[0] for r in rows[:3]] == ["| c", "| b", "| a"]
+    assert "| b | 1 | 0.6000 (n = 1: std and CI undefined) |" in text
+    comps = {c["cell"]["method.name"]: c for c in report.data["comparisons"]["test/acc"]}
+    assert comps["b"]["n"] == 1 and comps["b"]["p"] is None and comps["b"]["p_holm"] is None
+    assert comps["a"]["p_holm"] == pytest.approx(comps["a"]["p"])  # the only defined p: m = 1
+    assert "1 pair: t-test and confidence interval undefined" in text
+    assert report.data["cells"][1]["metrics"]["test/acc"]["ci"] is None
+    assert "No plots" in text and not list(tmp_path.iterdir())
+
+
+def test_without_test_metrics_the_selection_metric_is_reported_and_flagged(tmp_path):
+    from mmray.report.compare import ReportOptions
+    from mmray.report.render import to_markdown
+    from mmray.report.writer import build_report
+
+    cells = _cells({"a": {"0": 0.5, "1": 0.7}, "b": {"0": 0.6, "1": 0.9}}, metric="val/acc")
+    opts = ReportOptions(axes=("method.name",), baseline=("method.name", "a"))
+    report = build_report(cells, opts, "t", {}, tmp_path)
+    text = to_markdown(report.blocks)
+    assert report.data["main_metrics"] == ["val/acc"] and "optimistically biased" in text
+    assert "| a | 2 | 0.6000 ± 0.1414" in text
+    empty = to_markdown(build_report([], opts, "t", {}, tmp_path).blocks)
+    assert "0 selected runs in 0 grid cells" in empty

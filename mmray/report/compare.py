@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmray.report import stats
 
@@ -57,6 +57,8 @@ class ReportOptions:
     mode: str = "max"
     # The grid's axes in the order of the ablation file (labels and tables follow it).
     axes: tuple[str, ...] = ()
+    # Value labels of each axis in the ablation file's order (rows follow it).
+    values: dict[str, list[str]] = field(default_factory=dict)
     # (axis, value label) every other value of that axis is tested against; None: no tests.
     baseline: tuple[str, str] | None = None
     # Main metrics (tested, plotted); empty: the search metric with val/ replaced by test/.
@@ -100,6 +102,32 @@ def cell_axes(results: list[CellResult], options: ReportOptions) -> list[str]:
     seen = [a for a in options.axes if a != SEED_KEY]
     extra = sorted({k for r in results for k in r.cell} - set(seen))
     return [a for a in [*seen, *extra] if any(a in r.cell for r in results)]
+
+
+def order_cells(results: list[CellResult], axes: list[str],
+                values: dict[str, list[str]]) -> list[CellResult]:
+    """Rows in the ablation file's order: axis by axis, values as the grid lists them."""
+    def key(r: CellResult) -> tuple:
+        out = []
+        for a in axes:
+            known = values.get(a, [])
+            v = r.cell.get(a, "")
+            out.append((known.index(v), "") if v in known else (len(known), v))
+        return tuple(out)
+
+    return sorted(results, key=key)
+
+
+def with_available_metrics(results: list[CellResult],
+                           options: ReportOptions) -> tuple[ReportOptions, str]:
+    """Without a test split no run logs the default test metric: report the selection metric
+    itself (optimistically biased, it chose the trials) and say so."""
+    main = options.main_metrics
+    if options.metrics or any(r.values(m) for r in results for m in main):
+        return options, ""
+    note = (f"No run logged `{main[0]}` (no test split?): the validation `{options.search_metric}` "
+            "that selected the trials is reported instead; it is optimistically biased.")
+    return replace(options, metrics=(options.search_metric,)), note
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:

@@ -41,6 +41,7 @@ def resolve_baseline(abl: AblationConfig) -> tuple[str, str] | None:
 def report_options(abl: AblationConfig) -> ReportOptions:
     return ReportOptions(search_metric=abl.search.metric, mode=abl.search.mode,
                          axes=tuple(abl.grid), baseline=resolve_baseline(abl),
+                         values={k: [value_label(v) for v in vs] for k, vs in abl.grid.items()},
                          metrics=tuple(abl.report.metrics))
 
 
@@ -206,12 +207,14 @@ def build_report(results: list[CellResult], options: ReportOptions, title: str,
                  hist: dict[str, dict], out_dir: Path) -> Report:
     """The document, its numbers and its figures (drawn into `out_dir`); no MLflow."""
     axes = compare.cell_axes(results, options)
+    results = compare.order_cells(results, axes, options.values)
+    options, note = compare.with_available_metrics(results, options)
     comps = {m: compare.comparisons(results, options.baseline, m) for m in options.main_metrics}
     curves = curve_series(results, axes, options.search_metric, hist)
     images = draw_plots(results, options, axes, curves, out_dir)
     n_trials = sum(len(r.seeds) for r in results)
     blocks: list[Block] = [Heading(title, 1), Text(protocol_text(options, n_trials, len(results))),
-                           Heading("Results per cell"),
+                           *([Text(note)] if note else []), Heading("Results per cell"),
                            cells_table(results, axes, compare.table_metrics(results,
                                                                            options.main_metrics))]
     blocks += comparison_blocks(results, options, axes, comps)
