@@ -112,6 +112,11 @@ def test_selection_keeps_val_best_trial_and_only_finished_runs(sweep):
     assert len(cells) == 4
     assert cells[("normal", "0.0")].values("test/acc") == {"0": 0.80, "1": 0.70, "2": 0.75}
     assert cells[("ogm_ge", "0.5")].seeds == ["0", "1"]
+    # a finished trial is found again by name, never run (or counted) twice
+    _, status = ml.child_run(sweep["client"], sweep["exp"], sweep["parent"],
+                             "name=normal,test_rate=0.0,seed=0", {}, {})
+    assert status == "FINISHED"
+    assert len(child_runs(sweep["client"], sweep["exp"], sweep["parent"])) == 13  # 11 + a 2nd trial + 1 unfinished
     assert latest_parent(sweep["client"], "abl") == (sweep["exp"], sweep["parent"])
 
 
