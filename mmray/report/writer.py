@@ -25,6 +25,7 @@ from mmray.tracking.mlflow_log import PARENT_TAG, SWEEP_TAG
 FILES = ("report.md", "report.html", "report.json")
 ARTIFACT_DIR = "report"
 CI_NAME = f"{stats.LEVEL:.0%} CI"
+ONE_SEED = "(n = 1): a single seed, whose std and confidence interval are undefined."
 
 
 def resolve_baseline(abl: AblationConfig) -> tuple[str, str] | None:
@@ -83,7 +84,7 @@ def summary_text(s: stats.Summary) -> str:
     if s.n == 0:
         return "–"
     if s.std is None:
-        return f"{fmt(s.mean)} (n = 1: std and CI undefined)"
+        return f"{fmt(s.mean)} (n = 1)"
     return f"{fmt(s.mean)} ± {fmt(s.std)} {fmt_ci(s.ci)}"
 
 
@@ -217,6 +218,8 @@ def build_report(results: list[CellResult], options: ReportOptions, title: str,
                            *([Text(note)] if note else []), Heading("Results per cell"),
                            cells_table(results, axes, compare.table_metrics(results,
                                                                            options.main_metrics))]
+    if any(len(r.seeds) == 1 for r in results):
+        blocks.append(Text(ONE_SEED))
     blocks += comparison_blocks(results, options, axes, comps)
     blocks += [Heading("Plots"), *(images or [Text("No plots: the runs logged no histories, "
                                                    "missing-rate or cost metrics.")])]
