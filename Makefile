@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python pipelines/ablate.py --config configs/ablations/demo.yaml --resume
 
+# tests/test_report.py opens the HTML report in headless Chromium (Debian's `chromium`).
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(BIN)/python -m pytest -q tests
 
 ui: $(STAMP)

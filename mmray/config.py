@@ -351,6 +351,32 @@ class ResourcesConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The comparison report written at the end of a sweep (mmray/report/)."""
+
+    # The baseline of the paired tests: one grid axis key and one of its values (a mapping
+    # value by its label, e.g. {method: normal} for method: [{name: normal}, ...]). Empty: the
+    # first value of the first non-seed axis.
+    baseline: dict[str, Any] = field(default_factory=dict)
+    # Test metrics tested and plotted; empty: search.metric with val/ replaced by test/.
+    metrics: list[str] = field(default_factory=list)
+
+
+def _check_baseline(baseline: dict[str, Any], grid: dict[str, list[Any]],
+                    errors: list[str]) -> None:
+    axes = [k for k in grid if k != "seed"]
+    if len(baseline) > 1:
+        errors.append(f"report.baseline: {baseline!r} must name one grid axis; accepted: {axes}")
+    for key, value in baseline.items():
+        if key not in axes:
+            errors.append(f"report.baseline.{key}: not a non-seed grid axis; accepted: {axes}")
+        elif not any(v == value or value_label(v) == value_label(value) for v in grid[key]):
+            labels = [value_label(v) for v in grid[key]]
+            errors.append(f"report.baseline.{key}: {value!r} is not a value of grid.{key}; "
+                          f"accepted: {labels}")
+
+
+@dataclass
 class AblationConfig:
     """A grid of experiments: the base experiment, the axes, the search, where results go."""
 
@@ -366,6 +392,7 @@ class AblationConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # Ray Tune / Train results and checkpoints (a local folder, or s3:// on a cluster).
     storage_path: str = "runs"
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self, path: str, errors: list[str]) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -386,6 +413,7 @@ class AblationConfig:
                 errors.append(f"search.space.{key}: also a grid axis; a key is one or the other")
             elif not _has_path(base, key):
                 errors.append(f"search.space.{key}: not a key of the experiment config")
+        _check_baseline(self.report.baseline, self.grid, errors)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,12 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     p = config_parser(__doc__.splitlines()[0], "configs/ablations/demo.yaml")
     p.add_argument("--resume", action="store_true",
                    help="finish the sweep of this name if it exists (else start it)")
-    p.add_argument("--report-dir", default="reports", help="where results.md goes (per ablation)")
+    p.add_argument("--report-dir", default="reports",
+                   help="where the report goes: <dir>/<ablation>/report.{md,html,json} + PNGs")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mmray-smoke-") as tmp:
         overrides = list(args.overrides)
         if args.smoke:
             overrides = [*smoke_overrides(tmp), f"storage_path={tmp}/runs", "grid={seed: [0, 1]}",
+                         "report.baseline={}",  # the smoke grid has no axis to compare along
                          *overrides]
         try:
             abl: AblationConfig = load_config(args.config, overrides, cls=AblationConfig)
@@ -40,7 +42,7 @@ def run(abl: AblationConfig, resume: bool, report_dir: Path) -> int:
     from mlflow.tracking import MlflowClient
 
     from mmray.ray_utils import init_ray
-    from mmray.report import write_report
+    from mmray.report.writer import report_options, write_report
     from mmray.tune.sweep import run_sweep
 
     init_ray()
@@ -50,9 +52,10 @@ def run(abl: AblationConfig, resume: bool, report_dir: Path) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         return fail(e)
     text = write_report(MlflowClient(result.tracking_uri), result.experiment_id, result.parent_run_id,
-                        report_dir, abl.search.metric, abl.search.mode)
+                        report_dir, report_options(abl))
     print(text)
-    print(f"Report: {report_dir / 'results.md'}\nMLflow: {result.tracking_uri} "
+    print(f"Report: {report_dir / 'report.html'} (and report.md, report.json)\n"
+          f"MLflow: {result.tracking_uri} "
           f"(experiment {abl.experiment.tracking.experiment or abl.name}); `make ui` to browse")
     if result.num_errors:
         print(f"{result.num_errors} of {result.num_trials} trials failed; rerun with --resume",

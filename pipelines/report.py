@@ -1,4 +1,4 @@
-"""Print and write the results table of an ablation's latest sweep, from MLflow.
+"""Write the comparison report of an ablation's latest sweep from MLflow, and print it.
 
     python pipelines/report.py --config configs/ablations/demo.yaml
 """
@@ -14,7 +14,8 @@ from mmray.config import AblationConfig, load_config
 
 def main(argv: list[str] | None = None) -> int:
     p = config_parser(__doc__.splitlines()[0], "configs/ablations/demo.yaml")
-    p.add_argument("--report-dir", default="reports")
+    p.add_argument("--report-dir", default="reports",
+                   help="where the report goes: <dir>/<ablation>/report.{md,html,json} + PNGs")
     args = p.parse_args(argv)
     if args.smoke:  # a smoke ablation ends by writing this same report from its MLflow runs
         import ablate
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return ablate.main(["--smoke", *args.overrides])
     from mlflow.tracking import MlflowClient
 
-    from mmray.report import latest_parent, write_report
+    from mmray.report.writer import latest_parent, report_options, write_report
     from mmray.tracking.mlflow_log import resolve_tracking_uri
 
     try:
@@ -31,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         exp_id, parent = latest_parent(client, abl.experiment.tracking.experiment or abl.name)
     except (ConfigError, KeyError) as e:
         return fail(e)
-    print(write_report(client, exp_id, parent, Path(args.report_dir) / abl.name,
-                       abl.search.metric, abl.search.mode))
+    out = Path(args.report_dir) / abl.name
+    print(write_report(client, exp_id, parent, out, report_options(abl)))
+    print(f"Report: {out / 'report.html'} (and report.md, report.json)")
     return 0
 
 

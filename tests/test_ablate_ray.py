@@ -63,10 +63,10 @@ def test_ablation_logs_parent_and_children_with_tuned_params(tmp_path, monkeypat
         assert [m.step for m in history] == [0, 1]
         for key in ("train/loss", "val/acc_audio", "val/acc_image", "test/acc"):
             assert key in kid.data.metrics
-    report = (tmp_path / "reports" / "t1" / "results.md").read_text()
-    assert "| fusion | seeds | test/acc |" in report.replace(" test/acc_audio |", "").split("\n")[4] \
-        or "test/acc" in report
-    assert "concat" in report and "sum" in report
+    report = (tmp_path / "reports" / "t1" / "report.md").read_text()
+    assert "| method.fusion | seeds | test/acc |" in report
+    assert "| concat | 1 |" in report and "| sum | 1 |" in report
+    assert (tmp_path / "reports" / "t1" / "curves.png").is_file()
 
 
 def test_resume_after_killed_driver_runs_only_missing_trials(tmp_path):
