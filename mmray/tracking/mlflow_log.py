@@ -160,6 +160,9 @@ class EpochLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        set_tags(self.client, self.run_id, tags)
+
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -67,6 +67,16 @@ def _average_grads(module: nn.Module) -> None:
         offset += g.numel()
 
 
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every worker, by rank (an all-gather when there are several)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [node]
+    nodes: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. `config`: experiment (dict), version_dir, tracking."""
     cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
@@ -87,11 +97,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             load_checkpoint(state, folder)
 
+    nodes = _worker_nodes()  # a collective: every rank takes part
     tracker = None
     if rank == 0 and config.get("tracking"):
         from mmray.tracking.mlflow_log import EpochLogger
 
         tracker = EpochLogger(**config["tracking"])
+        tracker.set_tags({"train_nodes": ",".join(nodes)})  # where this run's workers ran
 
     shards = {s: ray.train.get_dataset_shard(s) for s in SPLITS if manifest["rows"].get(s)}  # RAY
 

@@ -70,11 +70,11 @@ def run_trial(config: dict, context: dict) -> None:
     ml.finish(client, run_id, ok=True)
 
 
-def concurrency(abl: AblationConfig, n_trials: int) -> int:
-    """Trials at once: the config's cap, else what the cluster's CPUs, GPUs and slots fit."""
+def concurrency(abl: AblationConfig, n_trials: int, res: dict[str, float]) -> int:
+    """Trials at once: the config's cap, else what the cluster's resources `res` (CPUs, GPUs,
+    trial slots) fit with the config's workers per trial and their CPUs and GPUs."""
     if abl.resources.max_concurrent_trials:
         return min(abl.resources.max_concurrent_trials, n_trials)
-    res = ray.cluster_resources()
     t = abl.experiment.train
     fits = [math.floor(res.get("CPU", 1) / (t.num_workers * t.cpus_per_worker)),
             int(res.get(TRIAL_SLOT, 1))]
@@ -136,7 +136,7 @@ def run_sweep(abl: AblationConfig, version_dir: str, data_version: str, *, resum
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=n_trials,
-                max_concurrent_trials=concurrency(abl, n_trials),
+                max_concurrent_trials=concurrency(abl, n_trials, ray.cluster_resources()),
                 trial_name_creator=lambda t: t.config["trial"],
                 trial_dirname_creator=lambda t: t.config["trial"],
             ),
