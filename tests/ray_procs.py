@@ -126,3 +126,36 @@ def submit_job(address: str, env: dict, entrypoint: list[str], cwd: Path, runtim
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite store and proxied artifacts under `folder`);
+    yields its URI once /health answers (bounded wait), stops it afterwards."""
+    import urllib.request
+
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up:\n{log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        stop_group(proc.pid)
