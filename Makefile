@@ -28,9 +28,12 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $${PORT:-5000}
 
+# Each benchmark writes <name>.json and <name>.md into bench/results; summary.md gathers them.
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/dynmm_cost.py
+	$(BIN)/python bench/summary.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
