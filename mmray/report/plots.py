@@ -8,6 +8,7 @@ n = 1 has none.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from mmray.report.compare import Line, Point
@@ -40,7 +41,9 @@ def _errorbar(ax, points: list[Point], label: str, **kw) -> None:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=DPI, format="png")  # then renamed: never a half-written figure
+    os.replace(tmp, path)
     _pyplot().close(fig)
     return path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,14 @@ def fetch_histories(client: MlflowClient, results: list[CellResult], options: Re
             histories(client, r, compare.curve_metrics(r, options.search_metric)) for r in results}
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it into place: a reader (or
+    a report interrupted mid-write) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_report(client: MlflowClient, experiment_id: str, parent_id: str, out_dir: str | Path,
                  options: ReportOptions) -> str:
     """Write report.md/.html/.json and the figures into `out_dir`, attach them to the parent run,
@@ -284,9 +293,9 @@ def write_report(client: MlflowClient, experiment_id: str, parent_id: str, out_d
     report.data.update({"title": parent.info.run_name, "experiment_id": experiment_id,
                         "parent_run_id": parent_id})
     text = to_markdown(report.blocks)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(to_html(report.blocks, parent.info.run_name))
-    (out / "report.json").write_text(json.dumps(report.data, indent=1, allow_nan=False))
+    write_atomic(out / "report.md", text)
+    write_atomic(out / "report.html", to_html(report.blocks, parent.info.run_name))
+    write_atomic(out / "report.json", json.dumps(report.data, indent=1, allow_nan=False))
     for name in [*FILES, *(i.file for i in report.images)]:
         client.log_artifact(parent_id, str(out / name), ARTIFACT_DIR)
     return text
