@@ -63,11 +63,16 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
-    # Modality counts the method is defined for; a method needing exactly two (DynMM) says (2,)
-    # and raises a ValueError naming the dataset's modalities for any other count.
+    # Modality counts the method is defined for (DynMM: (2,)); building it for a dataset with
+    # another count raises a ValueError naming the dataset's modalities.
     modalities_supported: ClassVar[tuple[int, ...]] = (2, 3)
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
+        if len(spec.modalities) not in self.modalities_supported:
+            counts = self.modalities_supported
+            need = f"exactly {counts[0]}" if len(counts) == 1 else " or ".join(map(str, counts))
+            raise ValueError(f"method.name={self.name} needs {need} modalities; dataset "
+                             f"{spec.name!r} has {list(spec.modalities)}")
         super().__init__()
         self.spec = spec
         self.modalities = list(spec.modalities)

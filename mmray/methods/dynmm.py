@@ -212,9 +212,6 @@ class DynMM(Method):
     modalities_supported = (2,)
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
-        if len(spec.modalities) not in self.modalities_supported:
-            raise ValueError(f"method.name=dynmm needs exactly 2 modalities (a cheap and an "
-                             f"expensive path); dataset {spec.name!r} has {list(spec.modalities)}")
         super().__init__(spec, model_cfg, method_cfg)
         self._frozen = False
         names = list(self.options.experts) or [self.modalities[0], LATE_FUSION]

@@ -113,9 +113,6 @@ class DynMMFusion(Method):
     modalities_supported = (2,)
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
-        if len(spec.modalities) not in self.modalities_supported:
-            raise ValueError(f"method.name=dynmm_fusion needs exactly 2 modalities (e.g. RGB and "
-                             f"depth); dataset {spec.name!r} has {list(spec.modalities)}")
         flat = [m for m, s in spec.modalities.items() if len(s.shape) != 3]
         if flat:
             raise ValueError(f"method.name=dynmm_fusion fuses (C, H, W) maps stage by stage; "
