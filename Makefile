@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # tests/test_report.py opens the HTML report in headless Chromium (Debian's `chromium`).
 test: $(STAMP)
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	$(BIN)/python -m pytest -q tests
 
 ui: $(STAMP)
