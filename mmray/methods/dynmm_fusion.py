@@ -111,6 +111,12 @@ class DynMMFusion(Method):
     Config = Config
     modalities_supported = (2,)
 
+    @classmethod
+    def unsupported(cls, spec: DatasetSpec) -> str:
+        flat = [m for m, s in spec.modalities.items() if len(s.shape) != 3]
+        return super().unsupported(spec) or (
+            f"{cls.name} fuses (C, H, W) maps; {flat} of {spec.name} are not" if flat else "")
+
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         if len(spec.modalities) not in self.modalities_supported:
             raise ValueError(f"method.name=dynmm_fusion needs exactly 2 modalities (e.g. RGB and "
