@@ -13,7 +13,8 @@ from torch import nn
 
 
 def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
-    """Leave `module`'s frozen parameters (requires_grad False) out of its state_dict, and take
+    """Leave `module`'s frozen parameters (requires_grad False) and its buffers (BatchNorm
+    statistics, which a frozen module in eval mode never updates) out of its state_dict, and take
     them from the module itself when a state dict without them is loaded.
 
     A frozen pretrained backbone is rebuilt from its local weights file every time the model is
@@ -22,15 +23,20 @@ def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
     """
 
     def frozen(prefix: str) -> dict[str, torch.Tensor]:
-        return {prefix + n: p for n, p in module.named_parameters() if not p.requires_grad}
+        fixed = {prefix + n: p for n, p in module.named_parameters() if not p.requires_grad}
+        for name, m in module.named_modules():  # persistent buffers only: what state_dict holds
+            for b, t in m.named_buffers(recurse=False):
+                if b not in m._non_persistent_buffers_set:
+                    fixed[f"{prefix}{name}.{b}" if name else prefix + b] = t
+        return fixed
 
     def drop(mod, state_dict, prefix, local_metadata) -> None:
         for key in frozen(prefix):
             state_dict.pop(key, None)
 
     def fill(mod, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        for key, p in frozen(prefix).items():
-            state_dict.setdefault(key, p.detach())
+        for key, t in frozen(prefix).items():
+            state_dict.setdefault(key, t.detach())
 
     module.register_state_dict_post_hook(drop)
     module.register_load_state_dict_pre_hook(fill)
