@@ -81,7 +81,8 @@ def test_an_unlabelled_test_file_makes_dev_the_test_split_and_holds_out_val(tmp_
     reseeded = get_source("hateful_memes").items(data_cfg(
         root, tmp_path, "data.hateful_memes.val=0.2", "data.hateful_memes.seed=5"))
     assert splits(reseeded)["val"] != s["val"]
-    no_test = get_source("hateful_memes").items(data_cfg(root, tmp_path, "data.hateful_memes.test_file="))
+    no_test = get_source("hateful_memes").items(
+        data_cfg(root, tmp_path, "data.hateful_memes.test_file="))
     assert splits(no_test)["test"] == s["test"]
 
 
@@ -106,7 +107,8 @@ def test_phase_two_file_names(tmp_path):
      r"train.jsonl line 2: no \"label\"; every line of train.jsonl needs one"),
     ("test.jsonl", line(300, 1) + "\n" + line(301, None) + "\n",
      r"test.jsonl: some lines have a \"label\" and some do not"),
-    ("dev.jsonl", line(100, 1) + "\n", r"dev.jsonl line 1: id 100 is listed again \(first at .*train.jsonl line 1\)"),
+    ("dev.jsonl", line(100, 1) + "\n",
+     r"dev.jsonl line 1: id 100 is listed again \(first at .*train.jsonl line 1\)"),
 ])
 def test_malformed_lines_name_the_file_and_line(tmp_path, name, content, expected):
     root = write(tmp_path / "hm", images=False)

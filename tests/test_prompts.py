@@ -43,7 +43,7 @@ def tokens(b: int = 3, seed: int = 0) -> torch.Tensor:
     return t
 
 
-def block_io(tower, raw, insertions=None) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def block_io(tower, raw, insertions=None):
     """Each block's input and output, and the tower's features."""
     ins, outs = [], []
 

@@ -27,7 +27,8 @@ def test_replay_and_separation_by_hand():
     p = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (1 sample, 2 private, 2)
     s = torch.tensor([[[3.0, 4.0]]])  # one shared token: cos = 0.6 and 0.8
     torch.testing.assert_close(separation_loss(p, s), torch.tensor((0.36 + 0.64) / 2))
-    torch.testing.assert_close(separation_loss(p[:, :1], torch.tensor([[[0.0, 5.0]]])), torch.tensor(0.0))
+    orthogonal = torch.tensor([[[0.0, 5.0]]])
+    torch.testing.assert_close(separation_loss(p[:, :1], orthogonal), torch.tensor(0.0))
     assert separation_loss(p[:, :0], s) == 0
 
 
@@ -88,7 +89,8 @@ def test_shared_buffers_and_dynamic_queries_follow_the_case():
     rb = method.replay_buffers
     with torch.no_grad():
         x0 = method.tower("image").embed(batch()["inputs"]["image"])
-        inserts, layer0 = rb(CASES, {"image": x0, "text": method.tower("text").embed(batch()["inputs"]["text"])})
+        x0_text = method.tower("text").embed(batch()["inputs"]["text"])
+        inserts, layer0 = rb(CASES, {"image": x0, "text": x0_text})
         t = rb.towers["image"]
         for i, c in enumerate(CASES.tolist()):
             torch.testing.assert_close(layer0["image"][1][i], t.shared_proj(rb.shared[c]))

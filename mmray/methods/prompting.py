@@ -110,8 +110,8 @@ def _check_inputs(spec: DatasetSpec, role_modality: dict[str, str], towers: dict
     img = spec.modalities[role_modality["image"]]
     want = (3, *towers["image"].image_size)
     if tuple(img.shape) != want:
-        raise ValueError(f"modality {role_modality['image']!r} has shape {tuple(img.shape)}; open_clip "
-                         f"model {model_name!r} takes {want}: set data.image.size={want[1]} "
+        raise ValueError(f"modality {role_modality['image']!r} has shape {tuple(img.shape)}; "
+                         f"open_clip model {model_name!r} takes {want}: set data.image.size={want[1]} "
                          "(data.frames=1), with CLIP's data.image.mean/std")
     txt = spec.modalities[role_modality["text"]]
     text_tower = towers["text"]

@@ -13,7 +13,7 @@ Each tower receives a buffer of private, shared and dynamic tokens in front of i
 - dynamic: missing-case-specific learnable queries cross-attending (one head) over the tower's
   layer-0 tokens.
 Feature aggregation and replay: m⁰_t = Net⁰_t(LN⁰_t[p_img; p_txt]) for tower t, and for k ≥ 1
-    mᵏ_t = α · Netᵏ_t(LNᵏ_t[mᵏ⁻¹_img; mᵏ⁻¹_txt]) + (1 − α) · mᵏ⁻¹_t,   α learnable, init 0.5,
+    mᵏ_t = α · Netᵏ_t(LNᵏ_t[mᵏ⁻¹_img; mᵏ⁻¹_txt]) + (1 − α) · mᵏ⁻¹_t,  α learnable (init 0.5),
 Net = fc(→256) → LayerNorm → GELU → Dropout(0.1) → fc, plus a linear skip. Layer 0 gets
 [m⁰_t; shared_t; dynamic_t] in front; layers k = 1..depth−1 replace the private part with mᵏ_t
 (the shared and dynamic tokens flow on through the blocks). Optional: λ · a separation term
@@ -73,7 +73,7 @@ class Config:
     # Hidden width and dropout of every Net (fc → LayerNorm → GELU → Dropout → fc, + skip).
     hidden: int = field(default=256, metadata=bounds(1, 65536))
     dropout: float = field(default=0.1, metadata=bounds(0.0, 1.0))
-    # Initial α of the replay mᵏ = α·Netᵏ(LN[mᵏ⁻¹_img; mᵏ⁻¹_txt]) + (1 − α)·mᵏ⁻¹ (learnable).
+    # Initial α of the replay mᵏ = α·Netᵏ(LN[mᵏ⁻¹_img; mᵏ⁻¹_txt]) + (1 − α)·mᵏ⁻¹; learnable.
     alpha_init: float = 0.5
     # Width of the shared buffers before their projection; 0: the text tower's width.
     shared_dim: int = field(default=0, metadata=bounds(0, 65536))
@@ -110,7 +110,8 @@ def separation_loss(private: torch.Tensor, shared: torch.Tensor) -> torch.Tensor
 def token_init(token: torch.Tensor, n: int, noise: float) -> torch.Tensor:
     """n copies of `token` (D,), each + noise · a random unit vector: the private buffers'
     start (CLIP's end-of-text embedding for text, its class embedding for images)."""
-    return token.detach().float().expand(n, -1) + noise * F.normalize(torch.randn(n, token.shape[0]), dim=-1)
+    unit = F.normalize(torch.randn(n, token.shape[0]), dim=-1)
+    return token.detach().float().expand(n, -1) + noise * unit
 
 
 def shared_init(n: int, width: int, noise: float) -> torch.Tensor:
@@ -148,7 +149,8 @@ class TowerBuffers(nn.Module):
         self.private = nn.Parameter(torch.stack([token_init(start, o.private_length, o.init_noise)
                                                  for _ in range(2)]))
         self.norms = nn.ModuleList([nn.LayerNorm(both) for _ in range(depth)])
-        self.nets = nn.ModuleList([ResidualNet(both, width, o.hidden, o.dropout) for _ in range(depth)])
+        self.nets = nn.ModuleList([ResidualNet(both, width, o.hidden, o.dropout)
+                                   for _ in range(depth)])
         self.shared_proj = ResidualNet(shared_dim, width, o.hidden, o.dropout)
         queries = torch.randn(len(MISSING_CASES), o.dynamic_length, width) * 0.02  # as the reference
         if o.learn_queries:

@@ -138,10 +138,10 @@ class VisionTower(ClipTower):
 
         super().__init__(frozen)
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+            pooled = " with attentional pooling" if isinstance(visual, VisionTransformer) else ""
             raise ValueError(f"prompting needs a ViT image tower pooling its class token; this "
-                             f"model's is {type(visual).__name__}"
-                             f"{' with attentional pooling' if isinstance(visual, VisionTransformer) else ''}"
-                             " (use a ViT-* open_clip model)")
+                             f"model's is {type(visual).__name__}{pooled} (use a ViT-* open_clip "
+                             "model)")
         self.visual = visual
         self.width = visual.class_embedding.shape[0]
         self.layers = len(visual.transformer.resblocks)

@@ -104,8 +104,8 @@ class MMIMDBRawSource(Source):
                     if g in index:
                         label[index[g]] = 1.0
                 text = plots[0] if cfg.mmimdb_raw.plots == "first" else " ".join(plots)
-                items.append(Item(sid, SPLITS[key], label, files={"image": str(images / f"{sid}.jpeg")},
-                                  inline={"text": text}))
+                items.append(Item(sid, SPLITS[key], label, inline={"text": text},
+                                  files={"image": str(images / f"{sid}.jpeg")}))
         return items
 
     def spec(self, cfg: DataConfig) -> DatasetSpec:
