@@ -1,9 +1,11 @@
 """REP: replay-enhanced prompting for missing modalities, on frozen CLIP towers (METHODS.md §6).
 
-Zhu, Liu, Ba, Xue, Zhang, "REP: Replay-Enhanced Prompting for Robust Multimodal Learning with
-Missing Modalities" (arXiv 2511.23070). Reference code: https://github.com/AnonymousUser2313/REP
-(`clip/modules/clip_dynamic_memory.py`: `MultiModalMemoryLearner`, `ResidualDynamicNet`;
-`clip/modules/vision_transformer_memory.py`: the insertion in `ResidualAttentionBlock`).
+Zhu, Liu, Ba, Xue, Zhang, "Buffer replay enhances the robustness of multimodal learning under
+missing-modality" (REplay Prompting, arXiv 2511.23070). Reference code, as released with the
+"REP: Replay-Enhance Prompting" README: https://github.com/AnonymousUser2313/REP (the paper names
+github.com/ZhyHNU/REP): `clip/modules/clip_dynamic_memory.py` (`MultiModalMemoryLearner`,
+`ResidualDynamicNet`) and `clip/modules/vision_transformer_memory.py` (the insertion in
+`ResidualAttentionBlock`).
 
 Each tower receives a buffer of private, shared and dynamic tokens in front of its tokens:
 - private (per tower and missing case: the tower's modality present or missing), initialised from
