@@ -147,6 +147,29 @@ class Food101Config:
 
 
 @dataclass
+class MMIMDBRawConfig:
+    """MM-IMDB from its raw release (`mmray.data.sources.mmimdb_raw`): posters and plots."""
+
+    # A movie's text: its first plot (what CLIP's context mostly holds anyway), or all its plots
+    # joined by spaces. The MAP reference makes one sample per plot instead.
+    plots: Literal["first", "join"] = "first"
+
+
+@dataclass
+class HatefulMemesConfig:
+    """Hateful Memes (`mmray.data.sources.hateful_memes`): img/ plus train/dev/test JSON lines."""
+
+    # The labelled dev split, read as val (phase-2 downloads name it dev_seen.jsonl).
+    dev_file: str = "dev.jsonl"
+    # The test split: a labelled file is read as test. An unlabelled one (the original
+    # test.jsonl, labels withheld), or "", makes the dev file the test split and holds out
+    # `val` of train (stratified, seeded) as val instead.
+    test_file: str = "test.jsonl"
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    seed: int = 0
+
+
+@dataclass
 class MissingConfig:
     """Missing-modality simulation (METHODS.md §6): which samples miss which modality.
 
@@ -208,6 +231,8 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     cremad: CremadConfig = field(default_factory=CremadConfig)
     food101: Food101Config = field(default_factory=Food101Config)
+    mmimdb_raw: MMIMDBRawConfig = field(default_factory=MMIMDBRawConfig)
+    hateful_memes: HatefulMemesConfig = field(default_factory=HatefulMemesConfig)
 
     def validate(self, path: str, errors: list[str]) -> None:
         from mmray.data.sources import SOURCES
@@ -221,8 +246,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # Audio and image encoders: "small" CNNs for CPU runs, or the timm model `timm_name`
-    # (ResNet18 as in the OGM-GE/MLA reference setup).
-    encoder: Literal["small", "timm"] = "small"
+    # (ResNet18 as in the OGM-GE/MLA reference setup); "open_clip": images through the image
+    # tower of `open_clip_model` (audio has none).
+    encoder: Literal["small", "timm", "open_clip"] = "small"
     timm_name: str = "resnet18"
     # Text encoder: a bag of token embeddings, or open_clip's text tower (open_clip tokens).
     text_encoder: Literal["bag", "open_clip"] = "bag"
@@ -230,6 +256,15 @@ class ModelConfig:
     open_clip_model: str = "mmray-tiny"
     # Local weight files by modality (timm or open_clip state dicts); nothing is downloaded.
     weights: dict[str, str] = field(default_factory=dict)
+    # A local state dict of the whole open_clip model `open_clip_model` (both towers): what MAP
+    # and REP load, and what open_clip encoders load when model.weights.<modality> is unset.
+    clip_weights: str = ""
+    # Freeze the pretrained timm / open_clip backbones: no gradients, always in eval mode, and
+    # left out of checkpoints (rebuilt from their weights files). Projections and heads train.
+    freeze_backbone: bool = False
+    # false: timm / open_clip encoders output the backbone's own features (CLIP's embedding)
+    # with no trainable projection to feature_dim; the classifier then sits right on them.
+    project_features: bool = True
     # Width of every encoder's output feature h_m.
     feature_dim: int = field(default=64, metadata=bounds(1, 65536))
     # Base channel count of the small CNN encoders.
@@ -265,9 +300,13 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata=bounds(0.0, 10.0, lo_open=True))
     weight_decay: float = field(default=0.0, metadata=bounds(0.0, 10.0))
     momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))
-    scheduler: Literal["none", "step", "cosine"] = "none"
+    # Learning-rate schedule, stepped once per epoch. linear: warm-up over the first `warmup`
+    # of the epochs, then linear decay to 0 (each epoch at the schedule's value at its midpoint).
+    scheduler: Literal["none", "step", "cosine", "linear"] = "none"
     step_size: int = field(default=70, metadata=bounds(1))
     gamma: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True))
+    # Fraction of the epochs the linear schedule warms up over (0.1 in MAP/REP).
+    warmup: float = field(default=0.0, metadata=bounds(0.0, 1.0))
     # Read each split into Ray's object store once per run (spilled to disk when larger than
     # memory) rather than re-reading Parquet every epoch: on small machines re-reading starves
     # the training loop (bench/overhead.py). false = stream from storage every epoch.
@@ -306,12 +345,36 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, path: str, errors: list[str]) -> None:
-        if self.model.text_encoder == "open_clip" and (
-                self.data.text.tokenizer != "open_clip"
-                or self.data.text.open_clip_model != self.model.open_clip_model):
-            errors.append("model.text_encoder=open_clip needs data.text.tokenizer=open_clip and "
+        from mmray.methods import METHODS
+
+        clip_method = getattr(METHODS.get(self.method.name), "clip_backbone", False)
+        clip_text = self.model.text_encoder == "open_clip" or clip_method
+        clip_image = self.model.encoder == "open_clip" or clip_method
+        who = f"method.name={self.method.name}" if clip_method else "model.text_encoder=open_clip"
+        if clip_text and (self.data.text.tokenizer != "open_clip"
+                          or self.data.text.open_clip_model != self.model.open_clip_model):
+            errors.append(f"{who} needs data.text.tokenizer=open_clip and "
                           "data.text.open_clip_model equal to model.open_clip_model "
                           f"({self.model.open_clip_model!r})")
+        if clip_text or clip_image:
+            self._validate_clip_sizes(clip_image, clip_text, errors)
+
+    def _validate_clip_sizes(self, image: bool, text: bool, errors: list[str]) -> None:
+        """CLIP takes images of its own size and exactly its context length of tokens."""
+        from mmray.encoders.pretrained import clip_input_sizes
+
+        sizes = clip_input_sizes(self.model.open_clip_model)
+        if sizes is None:
+            errors.append(f"model.open_clip_model: unknown open_clip model "
+                          f"{self.model.open_clip_model!r}; e.g. ViT-B-16, or mmray-tiny for tests")
+            return
+        size, context = sizes
+        if image and self.data.image.size != size:
+            errors.append(f"data.image.size: {self.data.image.size}, but open_clip model "
+                          f"{self.model.open_clip_model!r} takes {size} px images")
+        if text and self.data.text.max_tokens != context:
+            errors.append(f"data.text.max_tokens: {self.data.text.max_tokens}, but open_clip model "
+                          f"{self.model.open_clip_model!r} has a context of {context} tokens")
 
 
 @dataclass

@@ -54,3 +54,11 @@ def tiny_data3(ray_local, tmp_path_factory):
     """The same with a third modality, text."""
     return _tiny(tmp_path_factory, "tiny3", "data.synthetic.modalities=[audio, image, text]",
                  "data.synthetic.strength={audio: 0.9, image: 0.5, text: 0.3}")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_it(ray_local, tmp_path_factory):
+    """Image-text at the tiny CLIP's input sizes (32 px, 32 open_clip tokens): MAP and REP data."""
+    return _tiny(tmp_path_factory, "tiny_it", "data.synthetic.modalities=[image, text]",
+                 "data.synthetic.strength={image: 0.8, text: 0.8}", "data.synthetic.image_size=32",
+                 "data.image.size=32", "data.text.tokenizer=open_clip", "data.text.max_tokens=32")

@@ -16,6 +16,9 @@ SPEC = DatasetSpec("toy", {"audio": ModalitySpec("audio", (1, 12, 8)),
 SPEC3 = DatasetSpec("toy3", {**SPEC.modalities, "text": ModalitySpec("text", (6,), vocab_size=50)},
                     num_classes=3)
 ML_SPEC = DatasetSpec("ml", SPEC.modalities, num_classes=4, multilabel=True)
+# Image-text at the tiny CLIP's input sizes (32 px, 32 open_clip tokens): what MAP and REP need.
+SPEC_IT = DatasetSpec("toy_it", {"image": ModalitySpec("image", (3, 32, 32)),
+                                 "text": ModalitySpec("text", (32,), vocab_size=49408)}, num_classes=3)
 
 
 def make_batch(spec: DatasetSpec, b: int = 6, seed: int = 0) -> dict:
@@ -56,12 +59,12 @@ def test_sum_fusion_is_sum_of_blocks():
     torch.testing.assert_close(per["t"], feats["t"] @ head.fcs["t"].weight.T + head.bias / 3)
 
 
-@pytest.mark.parametrize("spec", [SPEC, SPEC3], ids=["2mod", "3mod"])
+@pytest.mark.parametrize("spec", [SPEC, SPEC3, SPEC_IT], ids=["2mod", "3mod", "image-text"])
 @pytest.mark.parametrize("fusion", ["concat", "sum"])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_a_step(name, fusion, spec):
-    if len(spec.modalities) not in METHODS[name].modalities_supported:
-        pytest.skip(f"{name} is defined for {METHODS[name].modalities_supported} modalities")
+    if reason := METHODS[name].unsupported(spec):
+        pytest.skip(reason)
     torch.manual_seed(0)
     method = build_method(spec, ModelConfig(width=4, feature_dim=8), MethodConfig(name, fusion))
     opt = torch.optim.SGD(method.parameters(), lr=0.1)

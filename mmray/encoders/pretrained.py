@@ -12,6 +12,44 @@ import torch
 from torch import nn
 
 
+def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
+    """Leave `module`'s frozen parameters (requires_grad False) and its buffers (BatchNorm
+    statistics, which a frozen module in eval mode never updates) out of its state_dict, and take
+    them from the module itself when a state dict without them is loaded.
+
+    A frozen pretrained backbone is rebuilt from its local weights file every time the model is
+    built, so a checkpoint need not carry it: for CLIP ViT-B/16 that is 600 MB per checkpoint.
+    Trainable parameters inside it (e.g. REP's `tune_output_layers`) are kept.
+    """
+
+    def frozen(prefix: str) -> dict[str, torch.Tensor]:
+        fixed = {prefix + n: p for n, p in module.named_parameters() if not p.requires_grad}
+        for name, m in module.named_modules():  # persistent buffers only: what state_dict holds
+            for b, t in m.named_buffers(recurse=False):
+                if b not in m._non_persistent_buffers_set:
+                    fixed[f"{prefix}{name}.{b}" if name else prefix + b] = t
+        return fixed
+
+    def drop(mod, state_dict, prefix, local_metadata) -> None:
+        for key in frozen(prefix):
+            state_dict.pop(key, None)
+
+    def fill(mod, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        for key, t in frozen(prefix).items():
+            state_dict.setdefault(key, t.detach())
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_pre_hook(fill)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients, eval mode, kept out of checkpoints; the owner keeps it in eval (`train`)."""
+    module.requires_grad_(False)
+    module.eval()
+    keep_frozen_out_of_state_dict(module)
+    return module
+
+
 def load_local_weights(module: nn.Module, path: str, what: str) -> None:
     """Load a state dict from a local file into `module`, strictly; errors name the file."""
     p = Path(path).expanduser()
@@ -33,7 +71,8 @@ class TimmEncoder(nn.Module):
     time and their features averaged over F, as the OGM-GE/MLA references pool frames over time.
     """
 
-    def __init__(self, name: str, in_channels: int, out_dim: int, weights: str = ""):
+    def __init__(self, name: str, in_channels: int, out_dim: int | None, weights: str = "",
+                 frozen: bool = False):
         import timm
 
         super().__init__()
@@ -42,8 +81,18 @@ class TimmEncoder(nn.Module):
         self.body = timm.create_model(name, pretrained=False, num_classes=0, in_chans=chans)
         if weights:
             load_local_weights(self.body, weights, f"timm {name}")
-        self.proj = nn.Linear(self.body.num_features, out_dim)
-        self.out_dim = out_dim
+        self.frozen = frozen
+        if frozen:
+            freeze(self.body)
+        # out_dim None: the backbone's own features, no projection (model.project_features).
+        self.proj = nn.Linear(self.body.num_features, out_dim) if out_dim else nn.Identity()
+        self.out_dim = out_dim or self.body.num_features
+
+    def train(self, mode: bool = True) -> TimmEncoder:
+        super().train(mode)
+        if self.frozen:  # a frozen backbone keeps BatchNorm statistics and no dropout
+            self.body.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frames > 1:
@@ -65,6 +114,19 @@ def register_tiny_clip() -> None:
     from open_clip.factory import _MODEL_CONFIGS
 
     _MODEL_CONFIGS.setdefault("mmray-tiny", TINY_CLIP)
+
+
+def clip_input_sizes(model_name: str) -> tuple[int, int] | None:
+    """(image size, context length) of an open_clip model config; None for an unknown name."""
+    import open_clip
+
+    register_tiny_clip()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        return None
+    size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    size = size[0] if isinstance(size, list | tuple) else size
+    return int(size), int(cfg.get("text_cfg", {}).get("context_length", 77))
 
 
 def build_clip(model_name: str, weights: str = "", freeze: bool = False) -> nn.Module:
@@ -100,18 +162,56 @@ def build_clip(model_name: str, weights: str = "", freeze: bool = False) -> nn.M
     return clip
 
 
-class OpenClipText(nn.Module):
-    """open_clip's text tower over open_clip token ids (see `data.text.tokenizer`)."""
+def _clip_embed_dim(clip: nn.Module) -> int:
+    proj = clip.text_projection
+    return proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
 
-    def __init__(self, model_name: str, out_dim: int, weights: str = "", freeze: bool = False):
+
+class OpenClipText(nn.Module):
+    """open_clip's text tower over open_clip token ids (see `data.text.tokenizer`), projected to
+    `out_dim` (None: CLIP's own text embedding)."""
+
+    def __init__(self, model_name: str, out_dim: int | None, weights: str = "",
+                 frozen: bool = False):
         super().__init__()
-        clip = build_clip(model_name, weights, freeze)
+        clip = build_clip(model_name, weights)
         # Keep only what encode_text uses; the image tower is not needed here.
-        self.clip = clip
-        self.clip.visual = None
-        self.proj = nn.Linear(clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor)
-                              else clip.text_projection.out_features, out_dim)
-        self.out_dim = out_dim
+        clip.visual = None
+        self.clip = freeze(clip) if frozen else clip
+        self.frozen = frozen
+        dim = _clip_embed_dim(clip)
+        self.proj = nn.Linear(dim, out_dim) if out_dim else nn.Identity()
+        self.out_dim = out_dim or dim
+
+    def train(self, mode: bool = True) -> OpenClipText:
+        super().train(mode)
+        if self.frozen:
+            self.clip.eval()
+        return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.proj(self.clip.encode_text(tokens))
+
+
+class OpenClipImage(nn.Module):
+    """open_clip's image tower over images at its input size (data.image.size with CLIP's
+    mean/std), projected to `out_dim` (None: CLIP's own image embedding)."""
+
+    def __init__(self, model_name: str, out_dim: int | None, weights: str = "",
+                 frozen: bool = False):
+        super().__init__()
+        clip = build_clip(model_name, weights)
+        self.visual = freeze(clip.visual) if frozen else clip.visual  # the text tower is dropped
+        self.frozen = frozen
+        dim = _clip_embed_dim(clip)
+        self.proj = nn.Linear(dim, out_dim) if out_dim else nn.Identity()
+        self.out_dim = out_dim or dim
+
+    def train(self, mode: bool = True) -> OpenClipImage:
+        super().train(mode)
+        if self.frozen:
+            self.visual.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.visual(images))

@@ -7,10 +7,12 @@ from mmray.data.spec import DatasetSpec
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.methods.dynmm import DynMM
 from mmray.methods.dynmm_fusion import DynMMFusion
+from mmray.methods.map import MAP
 from mmray.methods.mla import MLA
 from mmray.methods.normal import Normal
 from mmray.methods.ogm_ge import OGMGE
 from mmray.methods.qmf import QMF
+from mmray.methods.rep import REP
 
 METHODS: dict[str, type[Method]] = {
     Normal.name: Normal,
@@ -19,6 +21,8 @@ METHODS: dict[str, type[Method]] = {
     MLA.name: MLA,
     DynMM.name: DynMM,
     DynMMFusion.name: DynMMFusion,
+    MAP.name: MAP,
+    REP.name: REP,
 }
 
 

@@ -66,21 +66,40 @@ class Method(nn.Module):
     # Modality counts the method is defined for (DynMM: (2,)); building it for a dataset with
     # another count raises a ValueError naming the dataset's modalities.
     modalities_supported: ClassVar[tuple[int, ...]] = (2, 3)
+    # Modality kinds the method is defined for, one modality of each (MAP and REP: an image and
+    # a text modality for CLIP's two towers); empty: any kinds.
+    modality_kinds: ClassVar[tuple[str, ...]] = ()
+    # The method builds open_clip's CLIP (model.open_clip_model, model.clip_weights) itself, so
+    # the config must give it open_clip tokens and CLIP's input sizes (checked in config.py).
+    clip_backbone: ClassVar[bool] = False
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
-        if len(spec.modalities) not in self.modalities_supported:
-            counts = self.modalities_supported
-            need = f"exactly {counts[0]}" if len(counts) == 1 else " or ".join(map(str, counts))
-            raise ValueError(f"method.name={self.name} needs {need} modalities; dataset "
-                             f"{spec.name!r} has {list(spec.modalities)}")
+        if reason := self.unsupported(spec):
+            raise ValueError(f"method.name={self.name}: {reason}")
         super().__init__()
         self.spec = spec
         self.modalities = list(spec.modalities)
         self.method_cfg = method_cfg
         self.options = self.Config(**method_cfg.options)
-        self.encoders = nn.ModuleDict(
-            {m: build_encoder(s, model_cfg, m) for m, s in spec.modalities.items()}
-        )
+        self.encoders = self.build_encoders(spec, model_cfg)
+
+    @classmethod
+    def unsupported(cls, spec: DatasetSpec) -> str:
+        """Why the method is not defined for `spec`'s modalities; "" when it is. Building the
+        method for such a dataset raises a ValueError with this reason."""
+        if len(spec.modalities) not in cls.modalities_supported:
+            counts = cls.modalities_supported
+            need = f"exactly {counts[0]}" if len(counts) == 1 else " or ".join(map(str, counts))
+            return f"{cls.name} needs {need} modalities; dataset {spec.name!r} has {list(spec.modalities)}"
+        kinds = sorted(s.kind for s in spec.modalities.values())
+        if cls.modality_kinds and kinds != sorted(cls.modality_kinds):
+            return (f"{cls.name} needs one modality of each kind {list(cls.modality_kinds)}; "
+                    f"{spec.name} has {dict((m, s.kind) for m, s in spec.modalities.items())}")
+        return ""
+
+    def build_encoders(self, spec: DatasetSpec, model_cfg: ModelConfig) -> nn.ModuleDict:
+        """One encoder per modality from `model.*`; methods with their own backbone override it."""
+        return nn.ModuleDict({m: build_encoder(s, model_cfg, m) for m, s in spec.modalities.items()})
 
     # -- forward ------------------------------------------------------------------------------
     def features(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -112,12 +112,15 @@ class DynMMFusion(Method):
     Config = Config
     modalities_supported = (2,)
 
-    def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
+    @classmethod
+    def unsupported(cls, spec: DatasetSpec) -> str:
         flat = [m for m, s in spec.modalities.items() if len(s.shape) != 3]
-        if flat:
-            raise ValueError(f"method.name=dynmm_fusion fuses (C, H, W) maps stage by stage; "
-                             f"modalities {flat} of dataset {spec.name!r} are not images or "
-                             "spectrograms (use method.name=dynmm for feature vectors)")
+        return super().unsupported(spec) or (
+            f"{cls.name} fuses (C, H, W) maps stage by stage; modalities {flat} of dataset "
+            f"{spec.name!r} are not images or spectrograms (use method.name=dynmm for feature "
+            "vectors)" if flat else "")
+
+    def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__(spec, model_cfg, method_cfg)
         if not all(isinstance(e, SmallCNN) for e in self.encoders.values()):
             raise ValueError("method.name=dynmm_fusion needs model.encoder=small (it fuses "

@@ -119,7 +119,19 @@ def build_state(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) 
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma)
     elif t.scheduler == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    elif t.scheduler == "linear":
+        epochs, warm = t.epochs, t.warmup * t.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: warmup_linear(e + 0.5, epochs, warm))  # an epoch: its midpoint's value
     return RunState(method, opt, sched)
+
+
+def warmup_linear(t: float, total: float, warmup: float) -> float:
+    """The factor on the lr at time t of `total`: t / warmup while warming up, then linear decay
+    (total − t) / (total − warmup) to 0 at the end (MAP/REP's recipe, there per step)."""
+    if t < warmup:
+        return t / warmup
+    return max(0.0, (total - t) / max(total - warmup, 1e-12))
 
 
 def make_context(cfg: TrainConfig, device: torch.device,

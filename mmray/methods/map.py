@@ -1,0 +1,105 @@
+"""MAP: missing-aware prompts on frozen CLIP towers (METHODS.md §6), the baseline REP compares to.
+
+Lee, Tsai, Chiu, Lee, "Multimodal Prompting with Missing Modalities for Visual Recognition",
+CVPR 2023. Reference code: https://github.com/YiLunLee/missing_aware_prompts
+(`vilt/modules/vilt_missing_aware_prompt_module.py`, `vilt/modules/vision_transformer_prompts.py`).
+
+Three prompt sets, one per missing case (complete, text missing, image missing); each holds, for
+each of the first `depth` layers (0–5 in the paper) of each tower, `length` (16) learnable tokens.
+A sample's set is chosen by its missing case, read from its `present` masks. Before each of those
+layers the layer's prompts go in front of the tower's tokens: MAP's input-level prompts, which
+accumulate (the last prompted layer sees depth·length prompt tokens in front). Only the prompts
+and the linear classifier on [image feature; text feature] train; the missing modality's feature
+is zeroed before the classifier.
+
+Where mmray differs from the reference implementation:
+- The backbone is CLIP's two towers (as REP and DCP re-run MAP), not ViLT's single stream: each
+  tower gets its own prompts (the reference: one set on the joint stream), and the classifier is
+  one linear layer on the concatenated CLIP features (the reference: ViLT's pooler and a
+  Linear–LayerNorm–GELU–Linear head on the class token).
+- `replace: true` offers deep prompt replacement: a layer's prompts replace the previous layer's
+  prompt outputs instead of accumulating in front of them (how REP inserts its private buffers).
+- Attention-level prompts (the reference's `prompt_type: attention`, prefix tuning of keys and
+  values) are not implemented; input-level prompts are the paper's main setting.
+- Initialisation as in the reference: zeros with one row of ones marking the case (row 0 complete,
+  1 image missing, 2 text missing; rows that a short prompt lacks are skipped).
+- The reference's `simulate_missing` (random missing cases for complete train samples) is not
+  here: missing patterns come from mmray's missing tables (`data.missing`).
+- A sample missing both modalities has no prompt set: an error naming it (the reference's
+  missing tables never make one, nor do mmray's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmray.config import MethodConfig, ModelConfig, bounds
+from mmray.data.spec import DatasetSpec
+from mmray.methods.prompting import ROLES, ClipPrompting
+from mmray.modules.prompts import COMPLETE, MISSING_CASES, MISSING_IMAGE, MISSING_TEXT, Insertion
+
+
+@dataclass
+class Config:
+    # Prompt tokens per layer, tower and missing case (16 in the paper).
+    length: int = field(default=16, metadata=bounds(1, 4096))
+    # The first `depth` layers of each tower get prompts (6, layers 0-5, in the paper); capped
+    # at the shallower tower's depth.
+    depth: int = field(default=6, metadata=bounds(1, 1000))
+    # false: a layer's prompts go in front of everything, so prompts accumulate (MAP's
+    # input-level prompts); true: they replace the previous layer's prompt outputs.
+    replace: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The formulas, as pure functions
+# ---------------------------------------------------------------------------------------------
+
+# The row of ones that marks each case's initial prompts, as in the reference.
+_MARK_ROW = {COMPLETE: 0, MISSING_IMAGE: 1, MISSING_TEXT: 2}
+
+
+def initial_prompts(depth: int, length: int, width: int) -> torch.Tensor:
+    """(3 cases, depth, length, width): zeros with the case's marking row set to ones."""
+    p = torch.zeros(len(MISSING_CASES), depth, length, width)
+    for case, row in _MARK_ROW.items():
+        if row < length:
+            p[case, :, row] = 1.0
+    return p
+
+
+def prompt_insertions(prompts: torch.Tensor, case: torch.Tensor, replace: bool
+                      ) -> dict[int, Insertion]:
+    """Layer k gets sample i's prompts[case_i, k] in front; with `replace`, the previous layer's
+    prompt outputs are dropped first."""
+    chosen = prompts[case]  # (B, depth, length, width)
+    length = prompts.shape[2]
+    return {k: Insertion(chosen[:, k], drop=length if replace and k > 0 else 0)
+            for k in range(prompts.shape[1])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+
+class MAP(ClipPrompting):
+    name = "map"
+    Config = Config
+
+    def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
+        super().__init__(spec, model_cfg, method_cfg)
+        o = self.options
+        depth = self.depth(o.depth)
+        # role -> (3 cases, depth, length, the tower's width)
+        self.prompts = nn.ParameterDict({
+            r: nn.Parameter(initial_prompts(depth, o.length, self.tower(r).width)) for r in ROLES})
+
+    def insertions(self, case: torch.Tensor, x0: dict[str, torch.Tensor]):
+        return {r: prompt_insertions(self.prompts[r], case, self.options.replace) for r in ROLES}, {}
+
+    def tower_parameters(self, role: str) -> list[nn.Parameter]:
+        return [self.prompts[role]]
