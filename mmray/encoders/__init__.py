@@ -18,12 +18,12 @@ def build_encoder(spec: ModalitySpec, cfg: ModelConfig, modality: str = "") -> n
     weights = cfg.weights.get(modality, "")
     if spec.kind == "text" and cfg.text_encoder == "open_clip":
         return OpenClipText(cfg.open_clip_model, cfg.feature_dim, weights)
-    if cfg.encoder == "timm" and spec.kind in ("audio", "image"):
+    if cfg.encoder == "timm" and spec.kind in ("audio", "image", "depth"):
         return TimmEncoder(cfg.timm_name, spec.shape[0], cfg.feature_dim, weights)
     if weights:
         raise ValueError(f"model.weights.{modality}: the small encoders take no pretrained weights")
     if cfg.encoder in ("small", "timm"):
-        if spec.kind in ("audio", "image"):
+        if spec.kind in ("audio", "image", "depth"):
             return SmallCNN(spec.shape[0], cfg.width, cfg.feature_dim, cfg.dropout)
         if spec.kind == "text":
             return TokenBagEncoder(spec.vocab_size, cfg.width * 4, cfg.feature_dim, cfg.dropout)

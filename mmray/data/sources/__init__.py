@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from mmray.data.sources.base import Item, Source
 from mmray.data.sources.cremad import CremadSource
+from mmray.data.sources.esc50 import Esc50Source
 from mmray.data.sources.food101 import Food101Source
 from mmray.data.sources.mmimdb import MMIMDBSource
+from mmray.data.sources.sunrgbd import SunRGBDSource
 from mmray.data.sources.synthetic import SyntheticSource
 
 SOURCES: dict[str, type[Source]] = {
@@ -16,6 +18,8 @@ SOURCES: dict[str, type[Source]] = {
     CremadSource.name: CremadSource,
     Food101Source.name: Food101Source,
     MMIMDBSource.name: MMIMDBSource,
+    Esc50Source.name: Esc50Source,
+    SunRGBDSource.name: SunRGBDSource,
 }
 
 
