@@ -7,6 +7,7 @@ from mmray.data.spec import DatasetSpec
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.methods.dynmm import DynMM
 from mmray.methods.dynmm_fusion import DynMMFusion
+from mmray.methods.m2pt import M2PT
 from mmray.methods.mla import MLA
 from mmray.methods.normal import Normal
 from mmray.methods.ogm_ge import OGMGE
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     MLA.name: MLA,
     DynMM.name: DynMM,
     DynMMFusion.name: DynMMFusion,
+    M2PT.name: M2PT,
 }
 
 

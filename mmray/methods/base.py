@@ -73,9 +73,12 @@ class Method(nn.Module):
         self.modalities = list(spec.modalities)
         self.method_cfg = method_cfg
         self.options = self.Config(**method_cfg.options)
-        self.encoders = nn.ModuleDict(
-            {m: build_encoder(s, model_cfg, m) for m, s in spec.modalities.items()}
-        )
+        self.encoders = self.build_encoders(spec, model_cfg)
+
+    def build_encoders(self, spec: DatasetSpec, model_cfg: ModelConfig) -> nn.ModuleDict:
+        """One encoder per modality from `model.*`; a method with its own backbones (M2PT's
+        timm ViT, reprogramming's stems) overrides this. `self.options` is set already."""
+        return nn.ModuleDict({m: build_encoder(s, model_cfg, m) for m, s in spec.modalities.items()})
 
     # -- forward ------------------------------------------------------------------------------
     def features(self, batch: Batch) -> dict[str, torch.Tensor]:
