@@ -12,6 +12,7 @@ from mmray.methods.mla import MLA
 from mmray.methods.normal import Normal
 from mmray.methods.ogm_ge import OGMGE
 from mmray.methods.qmf import QMF
+from mmray.methods.reprogram import Reprogram
 
 METHODS: dict[str, type[Method]] = {
     Normal.name: Normal,
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     DynMM.name: DynMM,
     DynMMFusion.name: DynMMFusion,
     M2PT.name: M2PT,
+    Reprogram.name: Reprogram,
 }
 
 
