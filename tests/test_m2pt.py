@@ -227,9 +227,13 @@ def test_trains_end_to_end_with_an_auxiliary_trained_on_audio(tiny_data, tmp_pat
     model, kwargs, stats = m2pt_aux.train_aux(aux_cfg, prepared.version_dir, "audio")
     m2pt_aux.save(model, tmp_path / "aux.pt")
     assert kwargs["in_chans"] == 1 and 0.0 <= stats["val_acc"] <= 1.0
-    options = {"aux_weights": str(tmp_path / "aux.pt"), "aux_modality": "audio",
-               "aux_kwargs": {k: kwargs[k] for k in ("img_size", "in_chans", "num_classes")}}
-    run = dataclasses.replace(cfg, method=MethodConfig("m2pt", options=options))
+    aux_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
+                  if k in ("img_size", "in_chans", "num_classes")}
+    # The method's own config, as it ships, pointed at the auxiliary.
+    method = load_config(Path(__file__).resolve().parents[1] / "configs/methods/m2pt.yaml", [
+        f"method.options.aux_weights={tmp_path / 'aux.pt'}", "method.options.aux_modality=audio",
+        f"method.options.aux_kwargs={aux_kwargs}"]).method
+    run = dataclasses.replace(cfg, method=method)
     history = run_local(run, prepared.version_dir)
     last = history[-1]
     assert last["m2pt/merge_max_abs_diff"] <= 1e-5 and "test/acc" in last and "test/acc_image" in last

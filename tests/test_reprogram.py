@@ -230,19 +230,28 @@ def test_sizes_follow_the_clip_model_and_bad_settings_are_named():
         method(DatasetSpec("it", {"image": SPEC.modalities["image"]}, 3))
     with pytest.raises(ValueError, match="multi-label"):
         method(dataclasses.replace(SPEC, multilabel=True))
-    with pytest.raises(ValueError, match="method.options.temperature.audio: needs a positive"):
+    with pytest.raises(ValueError, match="method.options.temperature.audio: 0.0 must be positive"):
         load_config(None, ["method.name=reprogram", "method.options={temperature: {audio: 0}}"])
     with pytest.raises(ValueError, match="method.options.templates.audio"):
         load_config(None, ["method.name=reprogram", "method.options={templates: {audio: [x]}}"])
+    with pytest.raises(ValueError, match="method.options.temperature.text: not a modality kind"):
+        load_config(None, ["method.name=reprogram", "method.options={temperature: {text: 1}}"])
+    # A kind not given keeps its default.
+    opts = load_config(None, ["method.name=reprogram", "method.options.temperature={audio: 0.1}"]).method.options
+    assert opts["temperature"] == {"audio": 0.1, "depth": 1.0} and "{}" in opts["templates"]["depth"][0]
 
 
 def test_trains_end_to_end_reprogrammed_and_separate(tiny_data):
+    from pathlib import Path
+
     from mmray.train.loop import run_local
 
     cfg, prepared = tiny_data
+    configs = Path(__file__).resolve().parents[1] / "configs"
     results = {}
-    for encoder in ("reprogram", "separate"):
-        run = dataclasses.replace(cfg, method=MethodConfig("reprogram", options={"encoder": encoder}))
+    for encoder in ("reprogram", "separate"):  # the method's own config, as it ships
+        method = load_config(configs / "methods/reprogram.yaml", [f"method.options.encoder={encoder}"]).method
+        run = dataclasses.replace(cfg, method=method)
         history = run_local(run, prepared.version_dir)
         last = history[-1]
         assert math.isfinite(last["train/loss"]) and {"test/acc", "val/acc_audio",

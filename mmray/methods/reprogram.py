@@ -72,6 +72,12 @@ from mmray.modules.reprogram import (
 )
 
 KINDS = ("audio", "depth")  # modality kinds that get a stem
+TEMPERATURE = {"audio": 0.05, "depth": 1.0}  # the reference's
+TEMPLATES = {
+    "audio": ["a sound of {}.", "the sound of {}.", "a recording of {}."],
+    "depth": ["a depth photo of a {}.", "a photo of a {}.", "a photo of the {}."],
+    "image": ["a photo of a {}.", "a photo of the {}.", "an image of a {}."],
+}
 
 
 @dataclass
@@ -93,8 +99,8 @@ class Config:
     anchor: Literal["auto", "image", "text"] = "auto"
     # The paired image modality; empty: the dataset's first image modality (if any).
     image_modality: str = ""
-    # Fixed InfoNCE and zero-shot temperature per modality kind.
-    temperature: dict[str, float] = field(default_factory=lambda: {"audio": 0.05, "depth": 1.0})
+    # Fixed InfoNCE and zero-shot temperature per modality kind; kinds not given keep these.
+    temperature: dict[str, float] = field(default_factory=lambda: dict(TEMPERATURE))
     # Reprogramming attention: heads (must divide CLIP's width) and dropout.
     heads: int = field(default=8, metadata=bounds(1))
     dropout: float = field(default=0.3, metadata=bounds(0.0, 1.0))
@@ -104,24 +110,26 @@ class Config:
     # Depth stem patch (kernel = stride); 0: CLIP's patch size.
     depth_patch: int = field(default=0, metadata=bounds(0))
     # Prompt templates per kind ("{}" is the class name), averaged into class embeddings;
-    # "image" serves the paired image's own zero-shot logits.
-    templates: dict[str, list[str]] = field(default_factory=lambda: {
-        "audio": ["a sound of {}.", "the sound of {}.", "a recording of {}."],
-        "depth": ["a depth photo of a {}.", "a photo of a {}.", "a photo of the {}."],
-        "image": ["a photo of a {}.", "a photo of the {}.", "an image of a {}."],
-    })
+    # "image" serves the paired image's own zero-shot logits. Kinds not given keep these.
+    templates: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in TEMPLATES.items()})
 
     def validate(self, path: str, errors: list[str]) -> None:
         # Resolved where the config is loaded (the driver): Ray trials run in another folder.
         self.clip_weights = str(Path(self.clip_weights).expanduser().resolve()) if self.clip_weights else ""
-        for kind in (*KINDS, "image"):
-            if kind != "image" and not self.temperature.get(kind, 0) > 0:
-                errors.append(f"{path}.temperature.{kind}: needs a positive temperature")
-            if not self.templates.get(kind) or any("{}" not in t for t in self.templates[kind]):
-                errors.append(f"{path}.templates.{kind}: needs a list of templates each with {{}} "
+        self.temperature = {**TEMPERATURE, **self.temperature}
+        self.templates = {**TEMPLATES, **self.templates}
+        for key, value in self.temperature.items():
+            if key not in KINDS:
+                errors.append(f"{path}.temperature.{key}: not a modality kind; accepted: {list(KINDS)}")
+            elif not value > 0:
+                errors.append(f"{path}.temperature.{key}: {value} must be positive")
+        for key, templates in self.templates.items():
+            if key not in TEMPLATES:
+                errors.append(f"{path}.templates.{key}: not a kind; accepted: {list(TEMPLATES)}")
+            elif not templates or any("{}" not in t for t in templates):
+                errors.append(f"{path}.templates.{key}: needs a list of templates each with {{}} "
                               "for the class name")
-        for key in set(self.temperature) - set(KINDS):
-            errors.append(f"{path}.temperature.{key}: not a modality kind; accepted: {list(KINDS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +217,7 @@ class Reprogram(Method):
         kinds = {spec.modalities[m].kind for m in self.sources} | ({"image"} if self.image else set())
         for kind in sorted(kinds):  # derived from frozen weights: rebuilt, never checkpointed
             self.register_buffer(f"text_{kind}", class_text_embeddings(
-                clip, tokenizer, names, o.templates[kind]), persistent=False)
+                clip, tokenizer, names, {**TEMPLATES, **o.templates}[kind]), persistent=False)
 
         width = visual.transformer.width
         slots = visual.positional_embedding.shape[0]  # 1 + (H/p)(W/p)
@@ -261,7 +269,7 @@ class Reprogram(Method):
         return self.visual(images)
 
     def temperature(self, m: str) -> float:
-        return self.options.temperature[self.spec.modalities[m].kind]
+        return {**TEMPERATURE, **self.options.temperature}[self.spec.modalities[m].kind]
 
     def class_embeddings(self, kind: str) -> torch.Tensor:
         return getattr(self, f"text_{kind}")
