@@ -29,11 +29,12 @@ same loss and evaluation. Each run logs its trainable parameters and the measure
 sample of each modality's encoder (`reprogram/*`); `bench/reprogram_cost.py` compares the two.
 
 Where mmray differs from the reference implementation:
-- Only `anchor: image` is the reference's objective. ESC-50 has no paired image: the reference's
-  audio notebook pairs audio with images of AudioSet-style video frames; mmray's text anchor
-  instead distils onto CLIP's class-prompt embeddings, which uses the labels during training (a
-  supervised objective, no longer zero-shot in the strict sense); its zero-shot evaluation is
-  the same computation as its training target.
+- Only `anchor: image` is the reference's objective (audio or depth against the paired image).
+  ESC-50 has no paired image (the reference lists AudioSet, whose clips come with video frames,
+  for training audio, and ESC-50 for evaluating it). mmray's text anchor instead pulls each clip
+  onto CLIP's embedding of its class prompt: it trains on the labels, so ESC-50 accuracy after
+  it is supervised accuracy through CLIP's text space, not zero-shot transfer, and its
+  evaluation uses the very embeddings it was trained towards.
 - The temperature is fixed (METHODS.md); the reference model also holds an unused learnable
   logit scale. The image diagnostic uses CLIP's own logit scale.
 - Stem sizes follow the CLIP model: kernel = its patch size (14 for ViT-H-14, as the reference),
