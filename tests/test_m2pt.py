@@ -212,7 +212,7 @@ def test_target_modality_choice_and_errors():
         load_config(None, ["method.name=m2pt", "method.options={model_kwargs: {img_size: 224}}"])
     with pytest.raises(ValueError, match="method.options.layers"):
         load_config(None, ["method.name=m2pt", "method.options={layers: [attn.qkv, attn.qkv]}"])
-    with pytest.raises(ValueError, match="unknown timm model 'nope'"):
+    with pytest.raises(ValueError, match="method.options.timm_name: unknown timm model 'nope'"):
         m2pt(timm_name="nope")
 
 

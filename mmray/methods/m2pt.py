@@ -133,8 +133,8 @@ def build_vit(name: str, kwargs: dict[str, Any], weights: str, what: str) -> nn.
 
     register_tiny_vit()
     if not timm.is_model(name):
-        raise ValueError(f"{what}: unknown timm model {name!r}; e.g. vit_base_patch16_224 or "
-                         "mmray_vit_tiny")
+        raise ValueError(f"method.options.timm_name: unknown timm model {name!r}; e.g. "
+                         "vit_base_patch16_224, or mmray_vit_tiny for tests")
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
