@@ -121,6 +121,34 @@ class TextFeatures:
 
 
 @dataclass
+class DepthFeatures:
+    """Depth maps -> normalised disparity (`mmray.data.features.depth_features`).
+
+    With d the depth in metres, clamped to [min_depth, max_depth], a pixel's value is
+    (min_depth / d − mean) / std: disparity scaled to (0, 1] (1 at min_depth), then normalised.
+    Pixels with no reading (stored 0) are 0 after normalisation.
+    """
+
+    # Output size (size × size); nearest-neighbour resize, so no-reading zeros never blend in.
+    size: int = field(default=32, metadata=bounds(8, 1024))
+    # The stored 16-bit values are the millimetres rotated left by this many bits, undone on
+    # reading: 3 for SUN RGB-D's depth PNGs (its toolbox's read3dPoints.m), 0 for plain mm.
+    rotate_bits: int = field(default=0, metadata=bounds(0, 15))
+    # Depth range in metres: nearer readings count as min_depth, farther ones as max_depth
+    # (the SUN RGB-D toolbox caps at 8 m).
+    min_depth: float = field(default=0.5, metadata=bounds(0.0, None, lo_open=True))
+    max_depth: float = field(default=10.0, metadata=bounds(0.0, None, lo_open=True))
+    # Normalisation of the scaled disparity: (x - mean) / std.
+    mean: float = 0.0
+    std: float = field(default=1.0, metadata=bounds(0.0, None, lo_open=True))
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if self.min_depth >= self.max_depth:
+            errors.append(f"{path}.min_depth: {self.min_depth} must be below max_depth "
+                          f"({self.max_depth})")
+
+
+@dataclass
 class CremadConfig:
     """CREMA-D (`mmray.data.sources.cremad`): official AudioWAV/ plus frames extracted per clip."""
 
@@ -170,6 +198,34 @@ class HatefulMemesConfig:
 
 
 @dataclass
+class Esc50Config:
+    """ESC-50 (`mmray.data.sources.esc50`): meta/esc50.csv plus audio/*.wav in 5 folds."""
+
+    # The fold held out as test (the benchmark reports the mean over the 5 choices).
+    test_fold: int = field(default=5, metadata=bounds(1, 5))
+    # Fraction of each class's source recordings (`src_file`) of the other folds held out as
+    # val; every clip cut from a held-out recording goes to val, as the folds keep them together.
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Seed of the hold-out (recordings ranked by a seeded hash of their name).
+    seed: int = 0
+
+
+@dataclass
+class SunRGBDConfig:
+    """SUN RGB-D style scenes (`mmray.data.sources.sunrgbd`): per-sample folders and split lists."""
+
+    # Folder of each sample folder holding its depth PNG: depth (raw) or depth_bfx (filled).
+    depth_dir: str = "depth"
+    # Scene classes kept, in label order; samples of other scenes are left out. Empty: every
+    # scene of train.txt, sorted (then a test scene outside them is an error).
+    classes: list[str] = field(default_factory=list)
+    # Fraction of each class of train.txt held out as val when data.root has no val.txt.
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Seed of that hold-out (samples ranked by a seeded hash of their folder path).
+    seed: int = 0
+
+
+@dataclass
 class MissingConfig:
     """Missing-modality simulation (METHODS.md §6): which samples miss which modality.
 
@@ -215,6 +271,7 @@ class DataConfig:
     audio: AudioFeatures = field(default_factory=AudioFeatures)
     image: ImageFeatures = field(default_factory=ImageFeatures)
     text: TextFeatures = field(default_factory=TextFeatures)
+    depth: DepthFeatures = field(default_factory=DepthFeatures)
     # Frames per sample for an image modality stored as a folder of frames (CREMA-D's visual):
     # evenly spaced, stacked on the channel axis into (3 * frames, size, size). Single-file
     # images (synthetic, Food-101) ignore it.
@@ -233,6 +290,8 @@ class DataConfig:
     food101: Food101Config = field(default_factory=Food101Config)
     mmimdb_raw: MMIMDBRawConfig = field(default_factory=MMIMDBRawConfig)
     hateful_memes: HatefulMemesConfig = field(default_factory=HatefulMemesConfig)
+    esc50: Esc50Config = field(default_factory=Esc50Config)
+    sunrgbd: SunRGBDConfig = field(default_factory=SunRGBDConfig)
 
     def validate(self, path: str, errors: list[str]) -> None:
         from mmray.data.sources import SOURCES

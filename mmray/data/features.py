@@ -16,7 +16,7 @@ import torch
 import torchaudio
 from PIL import Image
 
-from mmray.config import AudioFeatures, ImageFeatures, TextFeatures
+from mmray.config import AudioFeatures, DepthFeatures, ImageFeatures, TextFeatures
 
 
 def load_audio(path: str | Path, sample_rate: int, seconds: float) -> np.ndarray:
@@ -70,6 +70,44 @@ def image_features(img: Image.Image, cfg: ImageFeatures) -> np.ndarray:
     mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
     return (x - mean) / std
+
+
+# PIL modes of single-channel 16-bit PNGs (by Pillow version and byte order), and of 32-bit ints.
+_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def load_depth(path: str | Path, rotate_bits: int = 0) -> np.ndarray:
+    """(H, W) float32 depth in millimetres from a single-channel 16-bit PNG; 0 = no reading.
+
+    `rotate_bits` undoes a left rotation of the stored 16-bit values: SUN RGB-D's PNGs hold the
+    millimetres rotated left by 3 bits, which its toolbox reads back as
+    bitor(bitshift(v, -3), bitshift(v, 16 - 3)).
+    """
+    try:
+        with Image.open(path) as img:
+            mode, arr = img.mode, np.array(img)
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ...
+        raise ValueError(f"cannot read depth file {path}: {e}") from None
+    if mode not in _DEPTH_MODES or arr.ndim != 2 or arr.min() < 0 or arr.max() > 0xFFFF:
+        raise ValueError(f"depth file {path}: expected a single-channel 16-bit PNG of millimetres, "
+                         f"got PIL mode {mode} with shape {arr.shape}")
+    v = arr.astype(np.uint32)
+    if rotate_bits:
+        v = ((v >> rotate_bits) | (v << (16 - rotate_bits))) & 0xFFFF
+    return v.astype(np.float32)
+
+
+def depth_features(depth_mm: np.ndarray, cfg: DepthFeatures) -> np.ndarray:
+    """(1, size, size) float32 normalised disparity (see `mmray.config.DepthFeatures`).
+
+    x = (min_depth / clamp(d, min_depth, max_depth) − mean) / std, d in metres; 0 where d = 0.
+    Resized nearest-neighbour first, so a pixel is one reading, never a blend with a hole.
+    """
+    img = Image.fromarray(np.ascontiguousarray(depth_mm, dtype=np.float32))  # mode "F"
+    d = np.asarray(img.resize((cfg.size, cfg.size), Image.NEAREST), dtype=np.float32) / 1000.0
+    disparity = cfg.min_depth / np.clip(d, cfg.min_depth, cfg.max_depth)
+    out = np.where(d > 0, (disparity - cfg.mean) / cfg.std, 0.0)
+    return out[None].astype(np.float32)
 
 
 _WORD = re.compile(r"[a-z0-9']+")

@@ -55,7 +55,8 @@ def _sha256(path: Path) -> str:
 def _params(cfg: DataConfig, spec: DatasetSpec) -> dict:
     """Every parameter that changes what the shards hold."""
     kinds = {m: s.kind for m, s in spec.modalities.items()}
-    used = {k: asdict(getattr(cfg, k)) for k in ("audio", "image", "text") if k in kinds.values()}
+    used = {k: asdict(getattr(cfg, k)) for k in ("audio", "image", "text", "depth")
+            if k in kinds.values()}
     if "image" in kinds.values():
         used["frames"] = cfg.frames  # frames stacked per folder-of-frames image modality
     # rows_per_file changes the files (the unit of worker sharding), not the rows.
@@ -69,7 +70,9 @@ def _fingerprint(source, cfg: DataConfig, items: list[Item]) -> dict:
     root = source.root(cfg)
     h = hashlib.sha256()
     for item in items:
-        h.update(f"{item.id}\0{item.split}\n".encode())  # a seeded split is decided by the source
+        # A seeded split is decided by the source; a label may come from a file not hashed below
+        # (SUN RGB-D's scene.txt).
+        h.update(f"{item.id}\0{item.split}\0{item.label}\n".encode())
         for path in sorted(item.files.values()):
             p = Path(path)
             # A folder of frames: the frames in it are the input, not the folder entry.
@@ -122,6 +125,8 @@ class Featurizer:
                                    for f in frame_files(path, self.cfg.frames)])
         if kind == "image":
             return F.image_features(F.load_image(path), self.cfg.image)
+        if kind == "depth":
+            return F.depth_features(F.load_depth(path, self.cfg.depth.rotate_bits), self.cfg.depth)
         return F.tokenize(inline if not path else F.read_text(path), self.cfg.text)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

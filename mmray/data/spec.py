@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-ModalityKind = Literal["audio", "image", "text", "vector"]
+ModalityKind = Literal["audio", "image", "text", "vector", "depth"]
 
 
 @dataclass(frozen=True)
 class ModalitySpec:
     kind: ModalityKind
     # Shape of one sample's tensor as stored in the shards, e.g. (1, frames, mels) for a
-    # spectrogram, (3, H, W) for an image, (tokens,) for token ids, (dim,) for a feature vector.
+    # spectrogram, (3, H, W) for an image, (tokens,) for token ids, (dim,) for a feature vector,
+    # (1, H, W) for a depth map (normalised disparity).
     shape: tuple[int, ...]
     # Token vocabulary size for kind == "text" (ids are in [0, vocab_size)); 0 otherwise.
     vocab_size: int = 0

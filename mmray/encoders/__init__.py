@@ -25,15 +25,15 @@ def build_encoder(spec: ModalitySpec, cfg: ModelConfig, modality: str = "") -> n
             raise ValueError(f"model.encoder=open_clip takes RGB images; modality {modality!r} has "
                              f"shape {spec.shape} (data.frames must be 1)")
         return OpenClipImage(cfg.open_clip_model, out_dim, weights or cfg.clip_weights, frozen)
-    if cfg.encoder == "open_clip" and spec.kind in ("audio", "vector"):
+    if cfg.encoder == "open_clip" and spec.kind in ("audio", "depth", "vector"):
         raise ValueError(f"model.encoder=open_clip has no encoder for modality {modality!r} of "
                          f"kind {spec.kind!r}; open_clip serves image (and, with "
                          "model.text_encoder=open_clip, text) modalities")
-    if cfg.encoder == "timm" and spec.kind in ("audio", "image"):
+    if cfg.encoder == "timm" and spec.kind in ("audio", "image", "depth"):
         return TimmEncoder(cfg.timm_name, spec.shape[0], out_dim, weights, frozen)
     if weights:
         raise ValueError(f"model.weights.{modality}: the small encoders take no pretrained weights")
-    if spec.kind in ("audio", "image"):  # model.encoder=small
+    if spec.kind in ("audio", "image", "depth"):  # model.encoder=small
         return SmallCNN(spec.shape[0], cfg.width, cfg.feature_dim, cfg.dropout)
     if spec.kind == "text":  # model.text_encoder=bag, whatever model.encoder is
         return TokenBagEncoder(spec.vocab_size, cfg.width * 4, cfg.feature_dim, cfg.dropout)

@@ -7,12 +7,14 @@ from mmray.data.spec import DatasetSpec
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.methods.dynmm import DynMM
 from mmray.methods.dynmm_fusion import DynMMFusion
+from mmray.methods.m2pt import M2PT
 from mmray.methods.map import MAP
 from mmray.methods.mla import MLA
 from mmray.methods.normal import Normal
 from mmray.methods.ogm_ge import OGMGE
 from mmray.methods.qmf import QMF
 from mmray.methods.rep import REP
+from mmray.methods.reprogram import Reprogram
 
 METHODS: dict[str, type[Method]] = {
     Normal.name: Normal,
@@ -23,6 +25,8 @@ METHODS: dict[str, type[Method]] = {
     DynMMFusion.name: DynMMFusion,
     MAP.name: MAP,
     REP.name: REP,
+    M2PT.name: M2PT,
+    Reprogram.name: Reprogram,
 }
 
 

@@ -98,7 +98,9 @@ class Method(nn.Module):
         return ""
 
     def build_encoders(self, spec: DatasetSpec, model_cfg: ModelConfig) -> nn.ModuleDict:
-        """One encoder per modality from `model.*`; methods with their own backbone override it."""
+        """One encoder per modality from `model.*`; a method with its own backbones (CLIP's
+        towers for MAP/REP, M2PT's timm ViT, reprogramming's stems) overrides this.
+        `self.options` is set already."""
         return nn.ModuleDict({m: build_encoder(s, model_cfg, m) for m, s in spec.modalities.items()})
 
     # -- forward ------------------------------------------------------------------------------

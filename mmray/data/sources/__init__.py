@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from mmray.data.sources.base import Item, Source
 from mmray.data.sources.cremad import CremadSource
+from mmray.data.sources.esc50 import Esc50Source
 from mmray.data.sources.food101 import Food101Source
 from mmray.data.sources.hateful_memes import HatefulMemesSource
 from mmray.data.sources.mmimdb import MMIMDBSource
 from mmray.data.sources.mmimdb_raw import MMIMDBRawSource
+from mmray.data.sources.sunrgbd import SunRGBDSource
 from mmray.data.sources.synthetic import SyntheticSource
 
 SOURCES: dict[str, type[Source]] = {
@@ -20,6 +22,8 @@ SOURCES: dict[str, type[Source]] = {
     MMIMDBSource.name: MMIMDBSource,
     MMIMDBRawSource.name: MMIMDBRawSource,
     HatefulMemesSource.name: HatefulMemesSource,
+    Esc50Source.name: Esc50Source,
+    SunRGBDSource.name: SunRGBDSource,
 }
 
 

@@ -80,7 +80,7 @@ def feature_shapes(kinds: dict[str, str], cfg: DataConfig, frame_folders: Collec
     import numpy as np
     from PIL import Image
 
-    from mmray.data.features import audio_features, image_features
+    from mmray.data.features import audio_features, depth_features, image_features
     from mmray.data.spec import ModalitySpec
 
     out = {}
@@ -91,6 +91,8 @@ def feature_shapes(kinds: dict[str, str], cfg: DataConfig, frame_folders: Collec
         elif kind == "image":
             c, h, w = image_features(Image.new("RGB", (8, 8)), cfg.image).shape
             out[m] = ModalitySpec("image", (c * (cfg.frames if m in frame_folders else 1), h, w))
+        elif kind == "depth":
+            out[m] = ModalitySpec("depth", depth_features(np.zeros((8, 8), np.float32), cfg.depth).shape)
         elif kind == "text":
             vocab = 49408 if cfg.text.tokenizer == "open_clip" else cfg.text.vocab_size  # CLIP's BPE
             out[m] = ModalitySpec("text", (cfg.text.max_tokens,), vocab_size=vocab)

@@ -1,0 +1,254 @@
+"""M2PT: Multimodal Pathway with cross-modal re-parameterization (METHODS.md §7).
+
+Zhang, Ding, Gong, Ge, Shan, Yue. "Multimodal Pathway: Improve Transformers with Irrelevant Data
+from Other Modalities", CVPR 2024. Reference code: https://github.com/AILab-CVC/M2PT
+(`multimodal_pathway.py`: `CrossModalReparamLinear`, `reparameterize_aux_into_target_model`;
+fine-tuning per modality in `Image/main_finetune.py`, `Audio/main_finetune_as_pathway.py`, ...).
+
+A classifier of one target modality: a timm ViT built for it (its patch embedding is the
+tokenizer, its head the task head) whose chosen linear layers in every block i also use block i
+of an auxiliary ViT of the same shape, trained on another modality:
+
+    y = x (W + λ·W_aux)ᵀ + b        (`mmray.modules.reparam.CrossModalLinear`)
+
+λ is one scalar per layer (initialised to `scale_init`, 0 in the paper), trained and exempt from
+weight decay; W_aux is trained too unless `train_aux: false`. Only the auxiliary's weights are
+used, never its data: the two modalities' samples are unrelated. The loss is CE on the target's
+logits. After training `final_module()` merges W ← W + λ·W_aux into plain `nn.Linear` layers, so
+the model the final test evaluation measures is exactly the target architecture at the target's
+cost (the paper's "no inference cost"). Every epoch logs `m2pt/merge_max_abs_diff`, the largest
+|merged − pathway| logit on the epoch's last training batch (eval mode), and the mean λ of each
+layer type (`m2pt/lambda/<layer>`).
+
+Modalities: only the target is read (`target`, by default the dataset's first image modality; a
+spectrogram is a 1-channel image through timm's `in_chans`). Every other modality of the dataset
+is ignored, and the method reports logits for the target alone. A sample whose target modality is
+missing is classified from its fill value.
+
+Weights: the target loads a timm state dict strictly into
+`timm.create_model(timm_name, **model_kwargs, img_size=<data>, in_chans=<data>)` (num_classes:
+model_kwargs' or the dataset's); a head of another class count is then replaced by a new one for
+the dataset. The auxiliary loads strictly into the same architecture with `aux_kwargs` on top
+(its own in_chans, img_size or num_classes: only its blocks are used). So the released ViT-B/16
+checkpoints (MAE, AudioMAE, Point-MAE as M2PT's model zoo ships them for `vit_base_patch16_224`)
+drop in, and `pipelines/m2pt_aux.py` makes a real auxiliary for the synthetic dataset.
+
+Where mmray differs from the reference implementation:
+- There is a merge step (`mmray.modules.reparam.merge`), and the final test split is evaluated on
+  the merged model; the reference has no merge function and evaluates the pathway model.
+- Block counts and every paired shape are checked, with errors naming the layer; the reference
+  zips the blocks (a depth mismatch silently pairs fewer) and asserts shapes without names.
+- The target loads strictly (a 224-px checkpoint needs 224-px data); the reference loads it
+  non-strictly, interpolates the position embedding and drops a mismatched head.
+- W_aux is a copy held by the target layer; the reference shares the auxiliary model's tensor.
+- Only λ is exempt from weight decay (`param_groups`). The reference fine-tunes MAE-style
+  (every 1-D parameter exempt, layer-wise lr decay 0.75, drop-path 0.1, RandAugment, mixup,
+  label smoothing); mmray trains with `train.*` and timm's defaults (no drop-path, no mixup).
+- Without `aux_weights` (or with `aux_random: true`, the ablation's control) the auxiliary is
+  randomly initialised.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mmray.config import MethodConfig, ModelConfig
+from mmray.data.spec import DatasetSpec
+from mmray.encoders.pretrained import load_local_weights
+from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.modules.reparam import DEFAULT_LAYERS, cross_modal_layers, merge, reparameterize
+
+LayerName = Literal["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+# Set from the data (the target modality's tensor), never by model_kwargs.
+DATA_KWARGS = ("img_size", "in_chans")
+PROBE_SAMPLES = 8  # samples of the last training batch kept to measure the merge
+
+
+@dataclass
+class Config:
+    # The modality classified (an image, a spectrogram or a depth map: any (C, H, W) tensor).
+    # Empty: the dataset's first image modality. Other modalities are not read.
+    target: str = ""
+    # timm ViT name of target and auxiliary; "mmray_vit_tiny" is a 2-block ViT for tests and CPU
+    # runs (mmray.encoders.tiny_vit), vit_base_patch16_224 the paper's ViT-B/16.
+    timm_name: str = "mmray_vit_tiny"
+    # More timm kwargs of the target, describing its weights file (patch_size, embed_dim, depth,
+    # num_heads, num_classes, global_pool, ...); img_size and in_chans come from the data.
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Local timm state dict of the target; empty: trained from scratch.
+    target_weights: str = ""
+    # Local timm state dict of the auxiliary; empty: random (tests and smoke runs only).
+    aux_weights: str = ""
+    # Ignore aux_weights and use a randomly initialised auxiliary: the control for whether the
+    # trained weights matter, rather than the extra parameters.
+    aux_random: bool = False
+    # The modality the auxiliary was trained on (a label for tracking: audio, point, video, ...).
+    aux_modality: str = ""
+    # timm kwargs of the auxiliary where they differ from the target's (e.g. in_chans: 1,
+    # img_size: [1024, 128], num_classes: 527); only its blocks are used and must match.
+    aux_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Linear sub-layers of every block that get the pathway (the paper's best: all four).
+    layers: list[LayerName] = field(default_factory=lambda: list(DEFAULT_LAYERS))
+    # Initial λ of every layer (0 in the paper: training starts from the target's outputs).
+    scale_init: float = 0.0
+    # Train W_aux along with the target (paper); false freezes it.
+    train_aux: bool = True
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        # Resolved where the config is loaded (the driver): Ray trials run in another folder.
+        # A relative path given only in an ablation's grid value is resolved there, wrongly.
+        self.target_weights, self.aux_weights = (
+            str(Path(p).expanduser().resolve()) if p else "" for p in (self.target_weights,
+                                                                       self.aux_weights))
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            errors.append(f"{path}.layers: {self.layers} must name each of "
+                          f"{list(DEFAULT_LAYERS)} at most once, and at least one")
+        for key in DATA_KWARGS:
+            if key in self.model_kwargs:
+                errors.append(f"{path}.model_kwargs.{key}: set from the target modality's tensor "
+                              "shape; change the data instead (e.g. data.image.size)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the timm models
+# ---------------------------------------------------------------------------------------------
+
+
+def as_timm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """YAML lists become tuples (timm reads img_size=[H, W] as a tuple)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def build_vit(name: str, kwargs: dict[str, Any], weights: str, what: str) -> nn.Module:
+    """timm.create_model(name, **kwargs) with no hub access, then `weights` loaded strictly."""
+    import timm
+
+    from mmray.encoders.tiny_vit import register_tiny_vit
+
+    register_tiny_vit()
+    if not timm.is_model(name):
+        raise ValueError(f"method.options.timm_name: unknown timm model {name!r}; e.g. "
+                         "vit_base_patch16_224, or mmray_vit_tiny for tests")
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{what}: timm cannot build {name} with {kwargs}: {e}") from None
+    if not hasattr(model, "blocks"):
+        raise ValueError(f"{what}: {name} has no transformer `blocks`; M2PT needs a timm ViT")
+    if weights:
+        load_local_weights(model, weights, f"{what} ({name} with {kwargs})")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+
+class M2PT(Method):
+    """A target ViT whose blocks also run through an auxiliary ViT's weights, merged after training."""
+
+    name = "m2pt"
+    Config = Config
+    modalities_supported = (1, 2, 3)
+
+    def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
+        super().__init__(spec, model_cfg, method_cfg)
+        self.modalities = [self.target]  # the metrics and gradient norms follow what is read
+        self._probe: torch.Tensor | None = None
+        self.merge_max_abs_diff: float | None = None
+
+    def _choose_target(self, spec: DatasetSpec) -> str:
+        target = self.options.target or next(
+            (m for m, s in spec.modalities.items() if s.kind == "image"), "")
+        if not target:
+            raise ValueError(f"method.options.target: dataset {spec.name!r} has no image modality "
+                             f"({list(spec.modalities)}); name the modality to classify")
+        if target not in spec.modalities or len(spec.modalities[target].shape) != 3:
+            raise ValueError(f"method.options.target: {target!r} is not a modality of dataset "
+                             f"{spec.name!r} stored as a (C, H, W) tensor; choose one of "
+                             f"{[m for m, s in spec.modalities.items() if len(s.shape) == 3]}")
+        return target
+
+    def build_encoders(self, spec: DatasetSpec, model_cfg: ModelConfig) -> nn.ModuleDict:
+        o = self.options
+        self.target = self._choose_target(spec)
+        c, h, w = spec.modalities[self.target].shape
+        arch = {**as_timm_kwargs(o.model_kwargs), "img_size": (h, w), "in_chans": c}
+        arch.setdefault("num_classes", spec.num_classes)
+        model = build_vit(o.timm_name, arch, o.target_weights, "method.options.target_weights")
+        if model.num_classes != spec.num_classes:  # e.g. an ImageNet head: a new task head
+            model.reset_classifier(spec.num_classes)
+        aux = build_vit(o.timm_name, {**arch, **as_timm_kwargs(o.aux_kwargs)},
+                        "" if o.aux_random else o.aux_weights, "method.options.aux_weights")
+        reparameterize(model, aux, tuple(o.layers), o.scale_init, o.train_aux)
+        # What `timm.create_model(timm_name, **timm_kwargs)` needs to load the merged state dict.
+        self.timm_kwargs = {**arch, "num_classes": spec.num_classes}
+        return nn.ModuleDict({self.target: model})
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> Output:
+        vit = self.encoders[self.target]
+        # timm's forward, split before the head to zero an absent target's pooled features.
+        pooled = vit.forward_head(vit.forward_features(batch["inputs"][self.target]), pre_logits=True)
+        present = batch["present"][self.target].to(pooled.dtype).unsqueeze(1)
+        logits = vit.head(pooled * present)
+        return Output(logits, {self.target: logits})
+
+    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        self._probe = batch["inputs"][self.target][:PROBE_SAMPLES].detach()
+        return super().train_step(batch, optimizer, ctx)
+
+    # -- merge --------------------------------------------------------------------------------
+    def merged_model(self) -> nn.Module:
+        """A plain timm model (a copy) with W ← W + λ·W_aux; loads into
+        `timm.create_model(options.timm_name, **self.timm_kwargs)` strictly."""
+        return merge(self.encoders[self.target])
+
+    @torch.no_grad()
+    def merge_difference(self, x: torch.Tensor, merged: nn.Module | None = None) -> float:
+        """max |merged(x) − pathway(x)| over logits, both in eval mode (float32, no autocast)."""
+        pathway = self.encoders[self.target]
+        merged = merged if merged is not None else merge(pathway)
+        was_training = pathway.training
+        pathway.eval()
+        merged.eval()
+        try:
+            return float((merged(x).float() - pathway(x).float()).abs().max())
+        finally:
+            pathway.train(was_training)
+
+    def final_module(self) -> Method:
+        """A copy of this method whose target ViT is merged: what the test split measures."""
+        deployable = copy.deepcopy(self)
+        merged = merge(deployable.encoders[self.target], inplace=True)
+        if self._probe is not None:
+            self.merge_max_abs_diff = self.merge_difference(self._probe, merged)
+        return deployable
+
+    # -- optimisation hooks -------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Every λ (chosen by module: each CrossModalLinear's `scale`) in a group without weight
+        decay; everything else trainable with it."""
+        scales = [layer.scale for layer in cross_modal_layers(self) if layer.scale.requires_grad]
+        ids = {id(p) for p in scales}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest, "weight_decay": weight_decay},
+                {"params": scales, "weight_decay": 0.0}]
+
+    def epoch_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        model = self.encoders[self.target]
+        for name in self.options.layers:
+            scales = [model.blocks[i].get_submodule(name).scale.detach().float()
+                      for i in range(len(model.blocks))]
+            out[f"m2pt/lambda/{name}"] = float(torch.stack(scales).mean())
+        if self._probe is not None:
+            out["m2pt/merge_max_abs_diff"] = self.merge_difference(self._probe)
+        return out
