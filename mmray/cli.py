@@ -39,7 +39,8 @@ def prepare_data(data: DataConfig):
 
 SMOKE_OVERRIDES = [
     "data.synthetic.num_samples=48", "data.synthetic.audio_seconds=0.25", "data.audio.seconds=0.25",
-    "data.synthetic.image_size=16", "data.image.size=16", "model.width=4", "model.feature_dim=8",
+    # 32 px: the tiny CLIP's input size, so configs built on it (MAP, REP) shrink too.
+    "data.synthetic.image_size=32", "data.image.size=32", "model.width=4", "model.feature_dim=8",
     "train.epochs=1", "train.batch_size=16",
 ]
 

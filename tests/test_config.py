@@ -146,3 +146,11 @@ def test_grid_mapping_values_merge_into_the_base():
     assert cfg.method.options["fusion_rule"] == "fixed" and cfg.method.options["project"] is True
     msg = _errors(["grid={method: [{name: mla, options: {fusion_rule: sometimes}}]}"], cls=AblationConfig)
     assert "method.options.fusion_rule" in msg
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_ablation_shrinks_to_a_smoke_run(path):
+    from mmray.cli import SMOKE_OVERRIDES
+
+    abl = load_config(path, SMOKE_OVERRIDES, cls=AblationConfig)  # what `ablate.py --smoke` loads
+    assert abl.experiment.train.epochs == 1 and abl.experiment.data.synthetic.num_samples == 48

@@ -83,6 +83,13 @@ def test_cost_is_measured_on_the_test_split_as_the_model_ran(tiny_data, tmp_path
         1 - last["test/dynmm/flops"] / last["dynmm/cost_late_fusion"])
 
 
+def test_each_epoch_logs_the_learning_rate_it_trained_with(tiny_data):
+    cfg, prepared = tiny_data
+    train = dataclasses.replace(cfg.train, scheduler="step", step_size=1, gamma=0.5, lr=0.004)
+    history = run_local(dataclasses.replace(cfg, train=train), prepared.version_dir)
+    assert [h["lr"] for h in history] == pytest.approx([0.004, 0.002, 0.001])
+
+
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_data, tmp_path):
     cfg, prepared = tiny_data
     full = run_local(cfg, prepared.version_dir, tmp_path / "a")

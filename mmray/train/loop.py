@@ -220,6 +220,7 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
     for epoch in range(state.epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 100_003 + epoch)
         ctx.epoch = epoch
+        lr = state.optimizer.param_groups[0]["lr"]  # this epoch's; the scheduler steps at its end
         t0 = time.perf_counter()
         metrics = train_epoch(state, batches("train", epoch, missing["train"]), ctx)
         metrics["time/train_epoch_s"] = time.perf_counter() - t0
@@ -240,7 +241,7 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
         if last:
             metrics["cost/trainable_params"] = float(count_params(state.method, trainable_only=True))
         metrics["epoch"] = epoch
-        metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+        metrics["lr"] = lr
         state.epoch = epoch + 1
         state.history.append(metrics)
         report(epoch, metrics, state)
