@@ -9,6 +9,7 @@ YAML files may carry `include: [other.yaml, ...]` in any mapping; included files
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import hashlib
@@ -33,6 +34,25 @@ class ConfigError(ValueError):
 
 def bounds(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
     return {"range": (lo, hi, lo_open)}
+
+
+def path_field(default: str = "") -> Any:
+    """A str field (or the str values of a dict field) naming a local file or folder. It is made
+    absolute when the config is built, against the folder it is loaded from (`from_dict`'s
+    `base_dir`, default the working folder): Ray trials and jobs run in other folders."""
+    return field(default=default, metadata={"path": True})
+
+
+# The folder relative paths are resolved against while a config is being built.
+_BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("base_dir", default=None)
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _absolute(v) for k, v in value.items()}
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    return str(((_BASE_DIR.get() or Path.cwd()) / Path(value).expanduser()).resolve())
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,9 +285,9 @@ class DataConfig:
     # Dataset source; one of mmray.data.sources.SOURCES.
     dataset: str = "synthetic"
     # Raw dataset folder, in the dataset's official layout.
-    root: str = "data/raw/synthetic"
+    root: str = path_field("data/raw/synthetic")
     # Where versioned Parquet shards go: <data_dir>/<dataset>/<version>/<split>/.
-    data_dir: str = "data/shards"
+    data_dir: str = path_field("data/shards")
     audio: AudioFeatures = field(default_factory=AudioFeatures)
     image: ImageFeatures = field(default_factory=ImageFeatures)
     text: TextFeatures = field(default_factory=TextFeatures)
@@ -314,10 +334,10 @@ class ModelConfig:
     # An open_clip model config name (ViT-B-16, ...); "mmray-tiny" is a 2-layer one for tests.
     open_clip_model: str = "mmray-tiny"
     # Local weight files by modality (timm or open_clip state dicts); nothing is downloaded.
-    weights: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, str] = field(default_factory=dict, metadata={"path": True})
     # A local state dict of the whole open_clip model `open_clip_model` (both towers): what MAP
     # and REP load, and what open_clip encoders load when model.weights.<modality> is unset.
-    clip_weights: str = ""
+    clip_weights: str = path_field()
     # Freeze the pretrained timm / open_clip backbones: no gradients, always in eval mode, and
     # left out of checkpoints (rebuilt from their weights files). Projections and heads train.
     freeze_backbone: bool = False
@@ -582,7 +602,7 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
             converted = _convert(hints[name], value[name], sub, errors)
             if len(errors) == n_before:
                 _check_range(converted, f.metadata, sub, errors)
-                kwargs[name] = converted
+                kwargs[name] = _absolute(converted) if f.metadata.get("path") else converted
         obj = tp(**kwargs)
         if hasattr(obj, "validate"):
             obj.validate(path, errors)
@@ -636,10 +656,16 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
 
-def from_dict(cls: type, data: Mapping, source: str | None = None):
-    """Build and validate `cls` from plain data; raise one ConfigError listing every problem."""
+def from_dict(cls: type, data: Mapping, source: str | None = None,
+              base_dir: str | Path | None = None):
+    """Build and validate `cls` from plain data; raise one ConfigError listing every problem.
+    Relative paths (`path_field`s) are resolved against `base_dir` (default: the working folder)."""
     errors: list[str] = []
-    obj = _convert(cls, data, "", errors)
+    token = _BASE_DIR.set(Path(base_dir).resolve() if base_dir else None)
+    try:
+        obj = _convert(cls, data, "", errors)
+    finally:
+        _BASE_DIR.reset(token)
     if errors:
         raise ConfigError(errors, source)
     return obj

@@ -154,3 +154,24 @@ def test_every_ablation_shrinks_to_a_smoke_run(path):
 
     abl = load_config(path, SMOKE_OVERRIDES, cls=AblationConfig)  # what `ablate.py --smoke` loads
     assert abl.experiment.train.epochs == 1 and abl.experiment.data.synthetic.num_samples == 48
+
+
+def test_paths_are_made_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=raw", "model.weights={audio: w/a.pt}",
+                             "method.name=m2pt", "method.options={aux_weights: ~/aux.pt}"])
+    assert cfg.data.root == str(tmp_path / "raw")
+    assert cfg.model.weights == {"audio": str(tmp_path / "w" / "a.pt")}
+    assert cfg.method.options["aux_weights"] == str(Path("~/aux.pt").expanduser())
+    assert load_config(None, ["data.root=s3://bucket/raw"]).data.root == "s3://bucket/raw"
+
+
+def test_a_path_in_a_grid_value_resolves_against_the_ablation_folder(tmp_path, monkeypatch):
+    """A trial runs in a Ray session folder; its grid values' paths mean the driver's folder."""
+    from mmray.tune.sweep import trial_experiment
+
+    base = to_dict(load_config(None))
+    monkeypatch.chdir(tmp_path)  # where the trial process happens to run
+    cell = {"method": {"name": "m2pt", "options": {"aux_weights": "aux/audio.pt"}}}
+    cfg = trial_experiment(base, cell, {}, workdir="/work/abl")
+    assert cfg.method.options["aux_weights"] == "/work/abl/aux/audio.pt"

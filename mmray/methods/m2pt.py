@@ -52,13 +52,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig
+from mmray.config import MethodConfig, ModelConfig, path_field
 from mmray.data.spec import DatasetSpec
 from mmray.encoders.pretrained import load_local_weights
 from mmray.methods.base import Batch, Method, Output, StepContext
@@ -82,9 +81,9 @@ class Config:
     # num_heads, num_classes, global_pool, ...); img_size and in_chans come from the data.
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # Local timm state dict of the target; empty: trained from scratch.
-    target_weights: str = ""
+    target_weights: str = path_field()
     # Local timm state dict of the auxiliary; empty: random (tests and smoke runs only).
-    aux_weights: str = ""
+    aux_weights: str = path_field()
     # Ignore aux_weights and use a randomly initialised auxiliary: the control for whether the
     # trained weights matter, rather than the extra parameters.
     aux_random: bool = False
@@ -101,11 +100,6 @@ class Config:
     train_aux: bool = True
 
     def validate(self, path: str, errors: list[str]) -> None:
-        # Resolved where the config is loaded (the driver): Ray trials run in another folder.
-        # A relative path given only in an ablation's grid value is resolved there, wrongly.
-        self.target_weights, self.aux_weights = (
-            str(Path(p).expanduser().resolve()) if p else "" for p in (self.target_weights,
-                                                                       self.aux_weights))
         if not self.layers or len(set(self.layers)) != len(self.layers):
             errors.append(f"{path}.layers: {self.layers} must name each of "
                           f"{list(DEFAULT_LAYERS)} at most once, and at least one")

@@ -50,14 +50,13 @@ Where mmray differs from the reference implementation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig, bounds
+from mmray.config import MethodConfig, ModelConfig, bounds, path_field
 from mmray.cost import count_params, flops_per_sample
 from mmray.data.spec import DatasetSpec
 from mmray.encoders.pretrained import build_clip
@@ -87,7 +86,7 @@ class Config:
     # one for tests and CPU runs.
     clip_model: str = "mmray-tiny"
     # Local open_clip state dict of that model; empty: random weights (tests only).
-    clip_weights: str = ""
+    clip_weights: str = path_field()
     # Modalities given a stem (of kind audio or depth); empty: every audio and depth modality.
     modalities: list[str] = field(default_factory=list)
     # reprogram: stem → reprogramming layer → frozen CLIP tower; separate: stem → a trainable
@@ -116,8 +115,6 @@ class Config:
         default_factory=lambda: {k: list(v) for k, v in TEMPLATES.items()})
 
     def validate(self, path: str, errors: list[str]) -> None:
-        # Resolved where the config is loaded (the driver): Ray trials run in another folder.
-        self.clip_weights = str(Path(self.clip_weights).expanduser().resolve()) if self.clip_weights else ""
         self.temperature = {**TEMPERATURE, **self.temperature}
         self.templates = {**TEMPLATES, **self.templates}
         for key, value in self.temperature.items():

@@ -35,11 +35,14 @@ from mmray.tracking import mlflow_log as ml
 from mmray.tune.search import CellSearcher, expand_grid
 
 
-def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:
+def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any],
+                     workdir: str | None = None) -> ExperimentConfig:
+    """The experiment of one trial; relative paths of its grid values are resolved against
+    `workdir`, the folder the ablation was started from (a trial runs in a Ray session folder)."""
     exp = copy.deepcopy(base)
     for key, value in {**cell, **params}.items():
         apply_grid_value(exp, key, value)
-    return from_dict(ExperimentConfig, exp)
+    return from_dict(ExperimentConfig, exp, base_dir=workdir)
 
 
 def run_trial(config: dict, context: dict) -> None:
@@ -47,7 +50,7 @@ def run_trial(config: dict, context: dict) -> None:
     from mmray.train.ray_train import build_trainer  # imported in the trial process only
 
     trial = config["trial"]
-    cfg = trial_experiment(context["base"], config["cell"], config["params"])
+    cfg = trial_experiment(context["base"], config["cell"], config["params"], context["workdir"])
     client = MlflowClient(context["tracking_uri"])
     params = flatten(to_dict(cfg))
     params.update({f"grid.{k}": value_label(v) for k, v in config["cell"].items()})
@@ -118,7 +121,7 @@ def run_sweep(abl: AblationConfig, version_dir: str, data_version: str, *, resum
     context = {
         "base": to_dict(abl.experiment), "version_dir": str(version_dir), "data_version": data_version,
         "train_storage": f"{sweep_dir}/train", "tracking_uri": uri, "experiment_id": exp_id,
-        "parent_id": parent_id, "git_commit": ml.git_commit(),
+        "parent_id": parent_id, "git_commit": ml.git_commit(), "workdir": str(workdir),
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_SLOT: 1})
     cells = expand_grid(abl.grid)
