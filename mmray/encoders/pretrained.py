@@ -22,20 +22,22 @@ def keep_frozen_out_of_state_dict(module: nn.Module) -> None:
     Trainable parameters inside it (e.g. REP's `tune_output_layers`) are kept.
     """
 
-    def frozen(prefix: str) -> dict[str, torch.Tensor]:
-        fixed = {prefix + n: p for n, p in module.named_parameters() if not p.requires_grad}
-        for name, m in module.named_modules():  # persistent buffers only: what state_dict holds
+    # The hooks read the module they are called on (not a closure over `module`), so a deep
+    # copy of the model drops and fills its own tensors.
+    def frozen(mod: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        fixed = {prefix + n: p for n, p in mod.named_parameters() if not p.requires_grad}
+        for name, m in mod.named_modules():  # persistent buffers only: what state_dict holds
             for b, t in m.named_buffers(recurse=False):
                 if b not in m._non_persistent_buffers_set:
                     fixed[f"{prefix}{name}.{b}" if name else prefix + b] = t
         return fixed
 
     def drop(mod, state_dict, prefix, local_metadata) -> None:
-        for key in frozen(prefix):
+        for key in frozen(mod, prefix):
             state_dict.pop(key, None)
 
     def fill(mod, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        for key, t in frozen(prefix).items():
+        for key, t in frozen(mod, prefix).items():
             state_dict.setdefault(key, t.detach())
 
     module.register_state_dict_post_hook(drop)

@@ -59,7 +59,7 @@ from torch import nn
 from mmray.config import MethodConfig, ModelConfig, bounds, path_field
 from mmray.cost import count_params, flops_per_sample
 from mmray.data.spec import DatasetSpec
-from mmray.encoders.pretrained import build_clip
+from mmray.encoders.pretrained import build_clip, keep_frozen_out_of_state_dict
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.modules.reprogram import (
     ModalityStem,
@@ -216,6 +216,7 @@ class Reprogram(Method):
             raise ValueError(f"method.options.clip_model={o.clip_model!r}: reprogramming needs a "
                              "ViT image tower with CLS pooling (no attentional pooler)")
         self.visual = visual  # frozen; CLIP's text tower is only needed for the class embeddings
+        keep_frozen_out_of_state_dict(visual)  # rebuilt from clip_weights: not in checkpoints
         self.register_buffer("clip_logit_scale", clip.logit_scale.detach().exp().float(),
                              persistent=False)
         names = spec.class_names or tuple(f"class {k}" for k in range(spec.num_classes))
