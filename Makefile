@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/dynmm_cost.py
+	$(BIN)/python bench/m2pt_merge.py
+	$(BIN)/python bench/reprogram_cost.py
 	$(BIN)/python bench/summary.py
 
 lint: $(STAMP)
