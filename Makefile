@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dynmm_cost.py
 	$(BIN)/python bench/m2pt_merge.py
 	$(BIN)/python bench/reprogram_cost.py
+	$(BIN)/python bench/gpu_throughput.py
 	$(BIN)/python bench/summary.py
 
 lint: $(STAMP)
