@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
@@ -237,3 +238,33 @@ def test_a_depth_modality_gets_an_encoder():
     out = method({"inputs": {"image": torch.randn(2, 3, 8, 8), "depth": torch.randn(2, 1, 8, 8)},
                   "present": {m: torch.ones(2, dtype=torch.bool) for m in spec.modalities}})
     assert out.per_modality["depth"].shape == (2, 3)
+
+
+@pytest.mark.ray
+def test_fusion_level_dynmm_trains_on_rgb_depth_through_the_pipeline(ray_local, tmp_path):
+    """DynMM's fusion level (METHODS.md §5) on an RGB-depth pair: SUN RGB-D files -> shards ->
+    the training loop, with the gate's choices and their measured costs logged."""
+    from mmray.config import MethodConfig
+    from mmray.train.loop import run_local
+
+    root = tmp_path / "SUNRGBD"
+    _dataset(root, per_scene=6)
+    cfg = load_config(None, [
+        "data.dataset=sunrgbd", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
+        "data.image.size=16", "data.depth.size=16", "data.depth.rotate_bits=3", "data.parallelism=1",
+        "data.sunrgbd.val=0.2", "model.width=4", "model.feature_dim=8", "train.epochs=3",
+        "train.batch_size=4"])
+    prepared = preprocess(cfg.data)
+    spec = spec_of(prepared.manifest)
+    assert {m: s.kind for m, s in spec.modalities.items()} == {"image": "image", "depth": "depth"}
+    cfg = dataclasses.replace(cfg, method=MethodConfig("dynmm_fusion", options={
+        "primary": "image", "epochs_hard": 2, "resource_weight": 0.5}))
+    history = run_local(cfg, prepared.version_dir)
+    last = history[-1]
+    routes = [last[f"test/dynmm/route_k{k}"] for k in range(4)]
+    assert sum(routes) == pytest.approx(1.0)
+    costs = [last[f"dynmm/cost_k{k}"] for k in range(4)]
+    assert costs == sorted(costs) and costs[0] < costs[-1]  # deeper fusion costs more
+    assert last["test/dynmm/flops"] == pytest.approx(sum(r * c for r, c in zip(routes, costs)))
+    assert history[0]["train/dynmm/temperature"] > history[-1]["train/dynmm/temperature"]
+    assert 0.0 <= last["test/acc"] <= 1.0 and "val/acc_depth" in last
