@@ -141,6 +141,20 @@ class Method(nn.Module):
         loss.backward()
         return out, loss
 
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                          ctx: StepContext, logs: dict | None = None) -> dict:
+        """How a train step ends: fresh gradients of `loss`, averaged across workers, the
+        encoders' gradient norms taken, one optimizer step. Returns {"loss", **logs (detached),
+        "grad/<m>"}: the values to log."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.sync_grads(self)
+        out = {"loss": loss.detach(),
+               **{k: v.detach() if torch.is_tensor(v) else v for k, v in (logs or {}).items()},
+               **self.grad_norms()}
+        optimizer.step()
+        return out
+
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         """One optimisation step on one batch; returns the values to log."""
         _, loss = self.forward_backward(batch, optimizer, ctx)

@@ -344,13 +344,7 @@ class DynMM(Method):
             resource = resource_loss(weights, self.expert_flops)
             loss = task + self.options.resource_weight * resource
             parts = {"loss/task": task, "loss/resource": resource, **self.routing_logs(weights)}
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.sync_grads(self)
-        logs = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
-                **self.grad_norms()}
-        optimizer.step()
-        return logs
+        return self.backward_and_step(loss, optimizer, ctx, parts)
 
     def epoch_metrics(self) -> dict[str, float]:
         """The measured costs (FLOPs per sample) of every expert and of the gate."""

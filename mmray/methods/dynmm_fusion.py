@@ -245,17 +245,11 @@ class DynMMFusion(Method):
         flops = expected_flops(weights, costs)
         over = torch.clamp(flops / costs.max() - self.options.flops_budget, min=0)
         loss = task if self.random_paths else task + self.options.resource_weight * over
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.sync_grads(self)
         chosen = F.one_hot(weights.detach().argmax(1), STAGES + 1).float().mean(0)
-        logs = {"loss": loss.detach(), "loss/task": task.detach(), "loss/resource": over.detach(),
-                "dynmm/flops": flops.detach(), "dynmm/flops_saving": 1 - flops.detach() / costs.max(),
-                "dynmm/temperature": self.temperature,
-                **{f"dynmm/route_k{k}": chosen[k] for k in range(STAGES + 1)},
-                **self.grad_norms()}
-        optimizer.step()
-        return logs
+        return self.backward_and_step(loss, optimizer, ctx, {
+            "loss/task": task, "loss/resource": over, "dynmm/flops": flops,
+            "dynmm/flops_saving": 1 - flops / costs.max(), "dynmm/temperature": self.temperature,
+            **{f"dynmm/route_k{k}": chosen[k] for k in range(STAGES + 1)}})
 
     def epoch_metrics(self) -> dict[str, float]:
         """The measured cost (FLOPs per sample) of every choice and of the gate."""

@@ -175,15 +175,9 @@ class QMF(Method):
         loss = (sum(self.criterion(per_mod[m], label) for m in self.modalities)
                 + self.criterion(fused, label)
                 + self.options.rank_weight * sum(ranks.values()))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.sync_grads(self)
-        logs = {"loss": loss.detach(), **self.grad_norms()}
-        optimizer.step()
-        for m in self.modalities:
-            logs[f"qmf/conf_{m}"] = conf[m].detach().mean()
-            logs[f"qmf/rank_{m}"] = ranks[m].detach()
-        return logs
+        return self.backward_and_step(loss, optimizer, ctx, {
+            **{f"qmf/conf_{m}": conf[m].mean() for m in self.modalities},
+            **{f"qmf/rank_{m}": ranks[m] for m in self.modalities}})
 
     # The history is method state that must survive a checkpoint: nn.Module.state_dict() stores
     # it under "_extra_state" and load_state_dict() hands it back here.

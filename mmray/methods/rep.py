@@ -254,13 +254,7 @@ class REP(ClipPrompting):
         task = self.criterion(out.logits, batch["label"])
         sep = extras["separation"]
         loss = task + self.options.separation_weight * sep if self.options.separation_weight else task
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.sync_grads(self)
-        logs = {"loss": loss.detach(), "loss/task": task.detach(), "rep/separation": sep.detach(),
-                **self.grad_norms()}
-        optimizer.step()
-        return logs
+        return self.backward_and_step(loss, optimizer, ctx, {"loss/task": task, "rep/separation": sep})
 
     def epoch_metrics(self) -> dict[str, float]:
         return {"rep/alpha": float(self.replay_buffers.alpha.detach())}

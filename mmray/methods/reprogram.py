@@ -320,13 +320,7 @@ class Reprogram(Method):
                       if self.anchor == "image" else None)
             parts = {f"loss/{m}": self.modality_loss(batch, m, anchor) for m in self.sources}
         loss = torch.stack(list(parts.values())).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.sync_grads(self)
-        logs = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
-                **self.grad_norms()}
-        optimizer.step()
-        return logs
+        return self.backward_and_step(loss, optimizer, ctx, parts)
 
     def grad_norms(self) -> dict[str, torch.Tensor]:
         """{"grad/<m>": L2 norm of modality m's trainable encoder's gradients}."""
