@@ -197,6 +197,18 @@ def test_robustness_and_flops_series(sweep):
     assert ReportOptions(search_metric="val/f1_macro").main_metrics == ["test/f1_macro"]
 
 
+def test_the_report_tabulates_robustness_per_type_and_rate(sweep):
+    text = sweep["text"]
+    assert "## Robustness: `test/acc` at other test missing rates" in text
+    section = text.split("## Robustness")[1].split("\n## ")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| cell"))
+    assert header == "| cell | both η=0.5 | both η=0.9 | image η=0.5 |"
+    row = next(line for line in section.splitlines() if line.startswith("| name=normal, test_rate=0.0 |"))
+    accs = TEST_ACC[("normal", "0.0")]
+    lo, hi = _ci([a - 0.3 for a in accs])
+    assert f"{sum(accs) / 3 - 0.3:.4f} ± " in row.split(" | ")[2] and f"[{lo:.4f}, {hi:.4f}]" in row
+
+
 def test_default_baseline_and_metrics_from_the_ablation():
     opts = report_options(ablation())
     assert opts.baseline == ("method.name", "normal") and opts.main_metrics == ["test/acc"]
@@ -321,9 +333,10 @@ def test_html_report_renders_tables_and_images_in_chromium(sweep, tmp_path):
     page.write_text(html_text.replace("</body>", _PROBE + "</body>"))
     dom = _Dom(_dump_dom(browser, page, tmp_path / "profile"))
     assert dom.body.get("data-loaded") == "1", "the page's load event never fired"
-    cells, comps = dom.tables
+    cells, robust, comps = dom.tables
     assert cells[0][:4] == ["method.name", "data.missing.test_rate", "seeds", "test/acc"]
     assert cells[1][:4] == ["normal", "0.0", "3", "0.7500 ± 0.0500 [0.6258, 0.8742]"]
+    assert robust[0] == ["cell", "both η=0.5", "both η=0.9", "image η=0.5"] and len(robust) == 1 + 4
     assert len(cells) == 1 + 4 and len(comps) == 1 + 2
     assert comps[0][6:8] == ["p", "p (Holm)"] and comps[1][2] == "3"
     widths = {i["src"]: int(i["data-width"]) for i in dom.images}

@@ -104,6 +104,23 @@ def cells_table(results: list[CellResult], axes: list[str], metrics: list[str]) 
     return Table([*axes, "seeds", *metrics], rows, "cells")
 
 
+def robustness_table(results: list[CellResult], axes: list[str], metric: str) -> Table | None:
+    """One row per cell, one column per evaluated missing type and rate: `metric` of the final
+    model on the test split there (`test_miss_<type>_<rate>/...`); None when none was logged."""
+    lines = compare.robustness_lines(results, axes, metric)
+    if not lines:
+        return None
+    cols = sorted({(kind, p.x) for kind, ls in lines.items() for ln in ls for p in ln.points})
+    by_cell: dict[str, dict] = {}
+    for kind, ls in lines.items():
+        for ln in ls:
+            for p in ln.points:
+                by_cell.setdefault(ln.label, {})[(kind, p.x)] = p.y
+    rows = [[label, *(summary_text(v[c]) if c in v else "–" for c in cols)]
+            for label, v in by_cell.items()]
+    return Table(["cell", *(f"{kind} η={rate:g}" for kind, rate in cols)], rows, "robustness")
+
+
 def comparisons_table(comps: list[Comparison], axes: list[str]) -> Table:
     rows = []
     for c in comps:
@@ -221,6 +238,13 @@ def build_report(results: list[CellResult], options: ReportOptions, title: str,
                                                                            options.main_metrics))]
     if any(len(r.seeds) == 1 for r in results):
         blocks.append(Text(ONE_SEED))
+    for metric in options.main_metrics:
+        if (table := robustness_table(results, axes, metric)) is not None:
+            blocks += [Heading(f"Robustness: `{metric}` at other test missing rates"),
+                       Text("The final model of each selected run evaluated on the test split "
+                            "with η of its samples missing a modality (the type), from the "
+                            "same stored tables for every method: mean ± std [95% CI] over "
+                            "seeds."), table]
     blocks += comparison_blocks(results, options, axes, comps)
     blocks += [Heading("Plots"), *(images or [Text("No plots: the runs logged no histories, "
                                                    "missing-rate or cost metrics.")])]
