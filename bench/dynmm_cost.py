@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from common import write_results
 
 
 def train_and_load(cfg, version_dir: str, ckpt: str, device: torch.device):
@@ -129,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
           "| model | test acc | Δ acc vs late fusion | MFLOPs / sample | FLOPs saving | "
           "µs / sample | wall-time saving | routed to late fusion |\n|---|---|---|---|---|---|---|---|\n"
           + "\n".join(rows) + "\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dynmm_cost.json").write_text(json.dumps(result, indent=1))
-    (out / "dynmm_cost.md").write_text(md)
-    print(md)
+    write_results(args.out, "dynmm_cost", result, md)
     return 0
 
 

@@ -23,13 +23,12 @@ Writes gpu_throughput.json and gpu_throughput.md into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from common import pick_device, write_results
 
 SIZES = {  # (image px, text tokens, classes, M2PT timm name, CLIP name)
     "vitb": (224, 77, 101, "vit_base_patch16_224", "ViT-B-16"),
@@ -128,10 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is visible")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
     if not cuda and args.size == "vitb":
         print("No CUDA GPU here: this benchmark measures GPU training. Run it on a GPU machine, "
               "or check its code path with --size tiny --device cpu.")
@@ -162,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"Training steps, bf16 autocast, batch {args.batch}, device {result['device']} "
           f"({args.size})\n\n| model | bare samples/s | mmray samples/s | mmray / bare | "
           "bare peak GiB | mmray peak GiB |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_throughput.json").write_text(json.dumps(result, indent=1))
-    (out / "gpu_throughput.md").write_text(md)
-    print(md)
+    write_results(args.out, "gpu_throughput", result, md)
     return 0
 
 

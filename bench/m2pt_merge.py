@@ -19,25 +19,17 @@ Writes m2pt_merge.json and m2pt_merge.md into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import pick_device, write_results
 
 SIZES = {
     "small": ("vit_small_patch16_224", {"img_size": 112, "depth": 6, "num_classes": 100}),
     "vitb": ("vit_base_patch16_224", {"num_classes": 1000}),
 }
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    return torch.device(name)
 
 
 def build(size: str, device: torch.device):
@@ -126,9 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         "merged_vs_pathway_max_abs_diff": diff,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "m2pt_merge.json").write_text(json.dumps(result, indent=1))
     ratio = {"plain": 1.0, "merged": result["ratio_merged_over_plain"],
              "pathway": result["ratio_pathway_over_plain"]}
     rows = "".join(
@@ -142,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
           f"\nmerged / plain latency: {result['ratio_merged_over_plain']:.3f} (goal 1.00 ± 0.03); "
           f"the pathway also does {2 * aux_weights / 1e6:.1f} M element-wise FLOPs per forward "
           f"(W + λ·W_aux) the counter omits; max |merged − pathway| = {diff:.2e}\n")
-    (out / "m2pt_merge.md").write_text(md)
-    print(md)
+    write_results(args.out, "m2pt_merge", result, md)
     return 0
 
 

@@ -21,9 +21,9 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from common import write_results
 
 
 def bare_loop(cfg, version_dir: str) -> tuple[float, list[float]]:
@@ -114,9 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         "ray_fixed_s": round(ray_s - sum(ray_epochs), 2),
         "preprocess_samples_per_s": {str(k): round(v, 1) for k, v in thr.items()},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(result, indent=1))
     md = ("| measure | value |\n|---|---|\n"
           f"| bare PyTorch loop ({args.samples} samples × {args.epochs} epochs) | {bare:.1f} s |\n"
           f"| mmray Ray Train run, 1 worker | {ray_s:.1f} s |\n"
@@ -125,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
           f"| Ray time outside training epochs (start-up, eval, checkpoints) | {result['ray_fixed_s']:.1f} s |\n"
           f"| preprocessing, 1 worker | {thr[1]:.1f} samples/s |\n"
           f"| preprocessing, 2 workers | {thr[2]:.1f} samples/s |\n")
-    (out / "overhead.md").write_text(md)
-    print(md)
+    write_results(args.out, "overhead", result, md)
     print(json.dumps(result))
     return 0
 

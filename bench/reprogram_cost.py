@@ -19,12 +19,11 @@ Weights are random: costs do not depend on them. Writes reprogram_cost.json and 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import pick_device, write_results
 
 SMALL_CLIP = {
     "embed_dim": 256,
@@ -32,13 +31,6 @@ SMALL_CLIP = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2},
 }
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    return torch.device(name)
 
 
 def build(clip: str, encoder: str, frames: int, mels: int, classes: int, device: torch.device):
@@ -117,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
                                                    zip(times["reprogram"], times["separate"])), 4),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reprogram_cost.json").write_text(json.dumps(result, indent=1))
     table = "".join(
         f"| {e} | {v['trainable_params'] / 1e6:.3f} | {v['total_params'] / 1e6:.2f} | "
         f"{v['flops_per_sample'] / 1e9:.3f} | {1000 * v['step_s_median']:.0f} | "
@@ -131,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
           f"\nreprogram / separate: trainable parameters {result['trainable_ratio']:.3f}, "
           f"FLOPs {result['flops_ratio']:.3f}, step time {result['step_time_ratio']:.3f} "
           "(paired median)\n")
-    (out / "reprogram_cost.md").write_text(md)
-    print(md)
+    write_results(args.out, "reprogram_cost", result, md)
     return 0
 
 

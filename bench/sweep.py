@@ -15,13 +15,14 @@ Writes sweep.json and sweep.md into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
           f"| {trials} trials × {args.epochs} epochs, 1 trial at a time | {times[1]:.1f} s |\n"
           f"| {trials} trials × {args.epochs} epochs, 2 trials at a time | {times[2]:.1f} s |\n"
           f"| speed-up | {times[1] / times[2]:.2f}× |\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=1))
-    (out / "sweep.md").write_text(md)
-    print(md)
+    write_results(args.out, "sweep", result, md)
     return 0
 
 
