@@ -402,6 +402,10 @@ class TrainConfig:
     # Worker-group restarts (from the last checkpoint) before the run fails.
     max_failures: int = field(default=2, metadata=bounds(0))
     checkpoints_to_keep: int = field(default=2, metadata=bounds(1))
+    # How often Ray Train's controller collects a worker's report and checks its health, in
+    # seconds. Ray's default (2 s) makes every per-epoch report wait for the next poll: up to 2 s
+    # an epoch, and as long again at the end of the run (bench/overhead.py).
+    report_poll_s: float = field(default=0.25, metadata=bounds(0.0, 60.0, lo_open=True))
 
 
 @dataclass

@@ -21,7 +21,7 @@ def test_local_run_trains_and_reports_every_metric(tiny_data, tmp_path):
     assert [h["epoch"] for h in history] == [0, 1, 2]
     last = history[-1]
     for key in ("train/loss", "val/loss", "val/acc", "val/acc_audio", "val/acc_image", "test/acc",
-                "test/acc_audio", "lr", "time/train_epoch_s"):
+                "test/acc_audio", "lr", "time/train_epoch_s", "time/eval_s"):
         assert key in last and math.isfinite(last[key]), key
     assert "test/acc" not in history[0]  # the test split is only evaluated after the last epoch
     for key in ("cost/flops_per_sample", "cost/params", "cost/trainable_params", "cost/latency_ms"):
@@ -147,7 +147,8 @@ def test_ray_train_run_logs_epochs_to_mlflow(tiny_data, tmp_path, monkeypatch):
         "--config", "configs/base.yaml", "--name", "r1", "--storage-path", str(tmp_path / "runs"),
         *[f"{k}={v}" for k, v in _data_overrides(cfg).items()], "train.epochs=2",
         # Missing modalities through the Ray Data shards: tables applied by sample id in workers.
-        "data.missing={train_rate: 0.5, test_rate: 0.2, type: image, seed: 9, eval_rates: [0.2, 0.8]}"])
+        "data.missing={train_rate: 0.5, test_rate: 0.2, type: image, seed: 9, eval_rates: [0.2, 0.8]}",
+        "train.report_poll_s=0.5"])
     assert rc == 0
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("mmray")
@@ -156,6 +157,7 @@ def test_ray_train_run_logs_epochs_to_mlflow(tiny_data, tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
     assert "test/acc" in run.data.metrics and run.data.tags["data_version"] == prepared.manifest["version"]
     assert run.data.tags["missing_train_rate"] == "0.5" and run.data.tags["missing_type"] == "image"
+    assert run.data.tags["train_poll_s"] == "0.5"  # the configured interval reached the workers
     metrics = run.data.metrics
     assert metrics["test_miss_image_0.2/acc"] == metrics["test/acc"]  # the run's own test table
     assert "test_miss_image_0.8/acc_audio" in metrics and "cost/flops_per_sample" in metrics

@@ -228,6 +228,7 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
         cost_split = "test" if "test" in splits else "val"  # the run's last evaluation
         # The test split is evaluated once, on the deployable model (e.g. M2PT merged).
         final = state.method.final_module() if last and "test" in splits else None
+        t_eval = time.perf_counter()
         for split in splits:
             if split == "test" and not last:
                 continue
@@ -238,6 +239,7 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
             for spec in robustness_specs(cfg.data.missing):
                 m = evaluate(final, batches("test", epoch, spec), ctx, "test", reduce)
                 metrics.update({f"test_miss_{spec.tag}/{k.split('/', 1)[1]}": v for k, v in m.items()})
+        metrics["time/eval_s"] = time.perf_counter() - t_eval  # the last epoch's includes cost
         if last:
             metrics["cost/trainable_params"] = float(count_params(state.method, trainable_only=True))
         metrics["epoch"] = epoch

@@ -9,6 +9,7 @@ the dataset shards, gradient/metric all-reduce across workers, the checkpoint re
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from mmray.train.loop import (
 )
 
 SPLITS = ("train", "val", "test")
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll interval
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from mmray.tracking.mlflow_log import EpochLogger
 
         tracker = EpochLogger(**config["tracking"])
-        tracker.set_tags({"train_nodes": ",".join(nodes)})  # where this run's workers ran
+        # Where this run's workers ran, and the report poll interval that reached them (set on
+        # the driver, passed on by Ray through the run's controller).
+        tracker.set_tags({"train_nodes": ",".join(nodes), "train_poll_s": os.environ.get(POLL_ENV, "")})
 
     shards = {s: ray.train.get_dataset_shard(s) for s in SPLITS if manifest["rows"].get(s)}  # RAY
 
@@ -145,6 +149,8 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
     """A TorchTrainer for one experiment. The same `name` + `storage_path` resumes that run."""
     manifest = load_manifest(version_dir)
     missing.check(cfg.data.missing, spec_of(manifest))  # a bad type fails here, not in a worker
+    # RAY: read by TorchTrainer.fit() in this process and passed on to the run's controller.
+    os.environ[POLL_ENV] = str(cfg.train.report_poll_s)
     datasets = {s: ray_dataset(version_dir, s) for s in SPLITS if manifest["rows"].get(s)}
     if cfg.train.cache_data:
         datasets = {s: ds.materialize() for s, ds in datasets.items()}
