@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(abl: AblationConfig, resume: bool, report_dir: Path) -> int:
+    import ray
     from mlflow.tracking import MlflowClient
 
     from mmray.ray_utils import init_ray
@@ -51,6 +52,8 @@ def run(abl: AblationConfig, resume: bool, report_dir: Path) -> int:
         result = run_sweep(abl, str(prepared.version_dir), prepared.manifest["version"], resume=resume)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         return fail(e)
+    finally:
+        ray.shutdown()  # the report needs only MLflow; Ray's forwarded logs end before it prints
     text = write_report(MlflowClient(result.tracking_uri), result.experiment_id, result.parent_run_id,
                         report_dir, report_options(abl))
     print(text)

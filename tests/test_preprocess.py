@@ -80,6 +80,15 @@ def test_shards_and_manifest(ray_local, tmp_path):
         seen += b["id"]
     assert sorted(seen) == sorted(cols["id"])
 
+    # Ray hands out read-only arrays: the batch must own its memory, so that a method writing
+    # into its inputs never changes the data that later epochs read.
+    frozen = {k: np.array(v[:4]) for k, v in cols.items()}
+    for v in frozen.values():
+        v.flags.writeable = False
+    before = frozen["audio"].copy()
+    collate(frozen, spec)["inputs"]["audio"].add_(1.0)
+    np.testing.assert_array_equal(frozen["audio"], before)
+
 
 def test_cache_hit_crash_leftover_and_parameter_change(ray_local, tmp_path):
     data = _data_cfg(tmp_path)

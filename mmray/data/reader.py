@@ -71,7 +71,11 @@ def collate(columns: dict[str, np.ndarray], spec: DatasetSpec,
     for m, ms in spec.modalities.items():
         arr = np.asarray(columns[m])
         dtype = torch.long if ms.kind == "text" else torch.float32
-        inputs[m] = torch.as_tensor(arr.reshape(n, *ms.shape), dtype=dtype, device=device)
+        arr = arr.reshape(n, *ms.shape)
+        # Ray and Arrow hand out read-only buffers: torch would share memory it must not write,
+        # so those are copied (once, with any dtype change); writable arrays are wrapped.
+        inputs[m] = (torch.as_tensor(arr, dtype=dtype, device=device) if arr.flags.writeable
+                     else torch.tensor(arr, dtype=dtype, device=device))
         mask = columns.get(f"present_{m}")
         present[m] = (torch.ones(n, dtype=torch.bool, device=device) if mask is None
                       else torch.as_tensor(np.asarray(mask, dtype=bool), device=device))
