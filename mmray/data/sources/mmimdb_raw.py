@@ -52,13 +52,7 @@ class MMIMDBRawSource(Source):
 
     def split_ids(self, cfg: DataConfig) -> dict[str, list[str]]:
         path = self._split_file(cfg)
-        if not path.is_file():
-            raise FileNotFoundError(f"no file {path}; data.root must be the MM-IMDB folder "
-                                    "holding split.json and dataset/")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        data = _read_json(path, "data.root must be the MM-IMDB folder holding split.json and dataset/")
         if not isinstance(data, dict) or not set(SPLITS) <= set(data):
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{path}: expected an object with lists {sorted(SPLITS)}; got {keys}")
@@ -78,13 +72,8 @@ class MMIMDBRawSource(Source):
 
     def _movie(self, path: Path) -> tuple[list[str], list[str]]:
         """(plots, genres) of one movie's JSON file."""
-        if not path.is_file():
-            raise FileNotFoundError(f"no file {path}; split.json lists the movie, so its JSON "
-                                    "(plot and genres) must be there")
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        meta = _read_json(path, "split.json lists the movie, so its JSON (plot and genres) "
+                                "must be there")
         plots, genres = (meta.get("plot"), meta.get("genres")) if isinstance(meta, dict) else (0, 0)
         if not (isinstance(plots, list) and plots and all(isinstance(p, str) for p in plots)):
             raise ValueError(f"{path}: \"plot\" must be a non-empty list of strings; got {plots!r}")
@@ -114,3 +103,13 @@ class MMIMDBRawSource(Source):
 
     def index_files(self, cfg: DataConfig) -> list[Path]:
         return [self._split_file(cfg)]
+
+
+def _read_json(path: Path, missing_hint: str):
+    """A JSON file's content; a missing or unreadable file is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}; {missing_hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
