@@ -76,15 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mmray.cli import prepare_data
-    from mmray.config import AblationConfig, MethodConfig, load_config
     from mmray.data.reader import read_split
+    from mmray.methods import MethodConfig
     from mmray.ray_utils import init_ray
     from mmray.train.loop import resolve_device
+    from mmray.tune.grid import load_ablation
 
     with tempfile.TemporaryDirectory(prefix="mmray-bench-") as tmp:
-        abl = load_config("configs/ablations/dynmm.yaml", [
+        abl = load_ablation("configs/ablations/dynmm.yaml", [
             f"data.root={tmp}/raw", f"data.data_dir={tmp}/shards", f"train.epochs={args.epochs}",
-            f"train.device={args.device}"], cls=AblationConfig)
+            f"train.device={args.device}"])
         base = abl.experiment
         init_ray()  # preprocessing runs on Ray Data
         prepared = prepare_data(base.data)

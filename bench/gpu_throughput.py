@@ -38,9 +38,9 @@ SIZES = {  # (image px, text tokens, classes, M2PT timm name, CLIP name)
 
 def models(size: str):
     """(name, method) pairs: M2PT, the plain ViT it re-parameterizes, and REP."""
-    from mmray.config import MethodConfig, ModelConfig
     from mmray.data.spec import DatasetSpec, ModalitySpec
-    from mmray.methods import build_method
+    from mmray.encoders import ModelConfig
+    from mmray.methods import MethodConfig, build_method
 
     px, tokens, classes, vit, clip = SIZES[size]
     image = {"image": ModalitySpec("image", (3, px, px))}
@@ -110,7 +110,7 @@ def bare_epoch(method, batch, opt, amp: bool, steps: int):
 
 
 def mmray_epoch(method, batch, opt, device: torch.device, steps: int):
-    from mmray.config import TrainConfig
+    from mmray.train.experiment import TrainConfig
     from mmray.train.loop import RunState, make_context, train_epoch
 
     state = RunState(method, opt, None)

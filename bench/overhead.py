@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mmray.cli import prepare_data
-    from mmray.config import load_config
     from mmray.ray_utils import init_ray
+    from mmray.train.experiment import load_experiment
 
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="mmray-bench-") as tmp:
-        cfg = load_config("configs/base.yaml", [
+        cfg = load_experiment("configs/base.yaml", [
             f"data.root={tmp}/raw", f"data.data_dir={tmp}/shards",
             f"data.synthetic.num_samples={args.samples}", f"train.epochs={args.epochs}",
             # Same threads for both: a Ray worker gets OMP threads = its CPUs.

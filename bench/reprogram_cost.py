@@ -34,9 +34,9 @@ SMALL_CLIP = {
 
 
 def build(clip: str, encoder: str, frames: int, mels: int, classes: int, device: torch.device):
-    from mmray.config import MethodConfig, ModelConfig
     from mmray.data.spec import DatasetSpec, ModalitySpec
-    from mmray.methods import build_method
+    from mmray.encoders import ModelConfig
+    from mmray.methods import MethodConfig, build_method
 
     spec = DatasetSpec("esc50-shaped", {"audio": ModalitySpec("audio", (1, frames, mels))}, classes)
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from mmray.config import ConfigError, DataConfig
+from mmray.config import ConfigError
+from mmray.data.sources import DataConfig
 
 
 def config_parser(description: str, default_config: str | None) -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def prepare_data(data: DataConfig):
     from mmray.data.preprocess import preprocess
 
     if data.dataset == "synthetic":
-        from mmray.data.synthetic import generate
+        from mmray.data.sources.synthetic import generate
 
         generate(data.synthetic, data.root)
     return preprocess(data)

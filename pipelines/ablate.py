@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from mmray.cli import ConfigError, config_parser, fail, prepare_data, smoke_overrides
-from mmray.config import AblationConfig, load_config
+from mmray.tune.grid import AblationConfig, load_ablation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                          "report.baseline={}",  # the smoke grid has no axis to compare along
                          *overrides]
         try:
-            abl: AblationConfig = load_config(args.config, overrides, cls=AblationConfig)
+            abl: AblationConfig = load_ablation(args.config, overrides)
         except ConfigError as e:
             return fail(e)
         return run(abl, args.resume, Path(tmp if args.smoke else args.report_dir) / abl.name)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmray.cli import ConfigError, config_parser, fail, prepare_data, smoke_overrides
-from mmray.config import ExperimentConfig, load_config
+from mmray.train.experiment import ExperimentConfig, load_experiment
 
 
 def vit_options(cfg: ExperimentConfig):
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or (Path(tmp) if args.smoke else Path("data/aux"))
                    / f"m2pt_aux_{args.modality}.pt")
         try:
-            cfg = load_config(args.config, overrides)
+            cfg = load_experiment(args.config, overrides)
             prepared = prepare_data(cfg.data)
             model, kwargs, stats = train_aux(cfg, prepared.version_dir, args.modality)
         except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:

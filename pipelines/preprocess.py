@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from mmray.cli import ConfigError, config_parser, fail, smoke_overrides
-from mmray.config import load_config
+from mmray.train.experiment import load_experiment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,12 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rewrite even if the version exists")
     args = p.parse_args(argv)
     from mmray.data.preprocess import preprocess
-    from mmray.data.synthetic import generate
+    from mmray.data.sources.synthetic import generate
 
     with tempfile.TemporaryDirectory(prefix="mmray-smoke-") as tmp:
         overrides = (smoke_overrides(tmp) if args.smoke else []) + list(args.overrides)
         try:
-            data = load_config(args.config, overrides).data
+            data = load_experiment(args.config, overrides).data
             if args.generate or args.smoke:
                 if data.dataset != "synthetic":
                     raise ConfigError([f"--generate writes the synthetic dataset, not {data.dataset!r}"])

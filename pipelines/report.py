@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from mmray.cli import ConfigError, config_parser, fail
-from mmray.config import AblationConfig, load_config
+from mmray.tune.grid import AblationConfig, load_ablation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmray.tracking.mlflow_log import resolve_tracking_uri
 
     try:
-        abl: AblationConfig = load_config(args.config, args.overrides, cls=AblationConfig)
+        abl: AblationConfig = load_ablation(args.config, args.overrides)
         client = MlflowClient(resolve_tracking_uri(abl.experiment.tracking.uri))
         exp_id, parent = latest_parent(client, abl.experiment.tracking.experiment or abl.name)
     except (ConfigError, KeyError) as e:

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from mmray.cli import ConfigError, config_parser, fail, prepare_data, smoke_overrides
-from mmray.config import ExperimentConfig, config_hash, flatten, load_config, to_dict
+from mmray.config import config_hash, flatten, to_dict
+from mmray.train.experiment import ExperimentConfig, load_experiment
 
 
 def run(cfg: ExperimentConfig, name: str, storage_path: str, local: bool) -> dict:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = smoke_overrides(tmp) + overrides
             storage = str(Path(tmp) / "runs")
         try:
-            cfg = load_config(args.config, overrides)
+            cfg = load_experiment(args.config, overrides)
         except ConfigError as e:
             return fail(e)
         name = args.name or f"{cfg.method.name}-{config_hash(cfg)}"

@@ -35,10 +35,10 @@ def _no_ambient_tracking(monkeypatch):
 
 def _tiny(tmp_path_factory, name: str, *extra: str):
     from mmray.cli import SMOKE_OVERRIDES, prepare_data
-    from mmray.config import load_config
+    from mmray.train.experiment import load_experiment
 
     root = tmp_path_factory.mktemp(name)
-    cfg = load_config(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=96", "train.epochs=3",
+    cfg = load_experiment(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=96", "train.epochs=3",
                              f"data.root={root / 'raw'}", f"data.data_dir={root / 'shards'}", *extra])
     return cfg, prepare_data(cfg.data)
 

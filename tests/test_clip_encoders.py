@@ -7,11 +7,12 @@ import pytest
 import torch
 from test_map import SPEC, batch
 
-from mmray.config import ConfigError, MethodConfig, ModelConfig, load_config
+from mmray.config import ConfigError
 from mmray.data.spec import ModalitySpec
-from mmray.encoders import build_encoder
+from mmray.encoders import ModelConfig, build_encoder
 from mmray.encoders.pretrained import TimmEncoder, build_clip
-from mmray.methods import StepContext, build_method
+from mmray.methods import MethodConfig, StepContext, build_method
+from mmray.train.experiment import load_experiment
 
 FROZEN = dict(encoder="open_clip", text_encoder="open_clip", freeze_backbone=True,
               project_features=False)
@@ -98,7 +99,7 @@ def test_open_clip_has_no_audio_encoder():
 ])
 def test_config_gives_clip_its_tokens_and_sizes(overrides, expected):
     with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
+        load_experiment(None, overrides)
     assert expected in str(e.value)
-    ok = load_config(None, ["method.name=rep", "data.image.size=32", "data.text.tokenizer=open_clip"])
+    ok = load_experiment(None, ["method.name=rep", "data.image.size=32", "data.text.tokenizer=open_clip"])
     assert ok.method.options["private_length"] == 12

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmray.config import load_config
+from mmray.train.experiment import load_experiment
 from mmray.train.loop import warmup_linear
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,7 +20,7 @@ def test_method_config_trains_end_to_end(name, tiny_data_it, tmp_path):
     from mmray.train.loop import run_local
 
     _, prepared = tiny_data_it
-    cfg = load_config(CONFIGS / "methods" / f"{name}.yaml", ["train.epochs=4", "train.batch_size=16"])
+    cfg = load_experiment(CONFIGS / "methods" / f"{name}.yaml", ["train.epochs=4", "train.batch_size=16"])
     assert cfg.method.name == name and cfg.train.scheduler == "linear"
     history = run_local(cfg, prepared.version_dir, tmp_path / "ckpt")
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]

@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mmray.config import (
-    AblationConfig,
-    ConfigError,
-    ExperimentConfig,
-    config_hash,
-    flatten,
-    load_config,
-    parse_overrides,
-    to_dict,
-)
+from mmray.config import ConfigError, config_hash, flatten, load_config, parse_overrides, to_dict
+from mmray.train.experiment import ExperimentConfig, load_experiment
+from mmray.tune.grid import AblationConfig, load_ablation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
@@ -28,7 +21,7 @@ def _errors(overrides, cls=ExperimentConfig, path=None) -> str:
 
 
 def test_defaults_are_valid():
-    cfg = load_config(None)
+    cfg = load_experiment(None)
     assert cfg.method.name == "normal" and cfg.data.dataset == "synthetic"
 
 
@@ -56,14 +49,14 @@ def test_strengths_of_modalities_not_written_are_dropped(tmp_path):
     (tmp_path / "it.yaml").write_text(
         f"include: [{CONFIGS / 'base.yaml'}]\n"
         "data: {synthetic: {modalities: [image, text], strength: {image: 0.9, text: 0.6}}}\n")
-    cfg = load_config(tmp_path / "it.yaml")
+    cfg = load_experiment(tmp_path / "it.yaml")
     assert cfg.data.synthetic.strength == {"image": 0.9, "text": 0.6}
 
 
 def test_a_grid_value_switching_the_method_starts_from_its_default_options():
     from mmray.tune.sweep import trial_experiment
 
-    base = to_dict(load_config(None, ["method.name=ogm_ge", "method.options={alpha: 0.3}"]))
+    base = to_dict(load_experiment(None, ["method.name=ogm_ge", "method.options={alpha: 0.3}"]))
     exp = trial_experiment(base, {"method": {"name": "normal"}}, {})
     assert exp.method.name == "normal" and exp.method.options == {}
     assert trial_experiment(base, {"method.name": "qmf"}, {}).method.options["rank_weight"] == 1.0
@@ -92,15 +85,14 @@ def test_search_space_keys_must_exist():
 
 
 def test_ablation_overrides_reach_the_experiment():
-    abl = load_config(CONFIGS / "ablations/demo.yaml", ["train.epochs=7", "grid.seed=[3]"],
-                      cls=AblationConfig)
+    abl = load_ablation(CONFIGS / "ablations/demo.yaml", ["train.epochs=7", "grid.seed=[3]"])
     assert abl.experiment.train.epochs == 7 and abl.grid["seed"] == [3]
 
 
 def test_includes_merge_in_order(tmp_path):
     (tmp_path / "a.yaml").write_text("train: {epochs: 5, lr: 0.5}\n")
     (tmp_path / "b.yaml").write_text("include: [a.yaml]\ntrain: {epochs: 9}\n")
-    cfg = load_config(tmp_path / "b.yaml")
+    cfg = load_experiment(tmp_path / "b.yaml")
     assert cfg.train.epochs == 9 and cfg.train.lr == 0.5
 
 
@@ -118,9 +110,9 @@ def test_overrides_parse_as_yaml():
 
 
 def test_hash_and_flatten_are_stable():
-    a, b = load_config(None), load_config(None)
+    a, b = load_experiment(None), load_experiment(None)
     assert config_hash(a) == config_hash(b)
-    assert config_hash(a) != config_hash(load_config(None, ["seed=1"]))
+    assert config_hash(a) != config_hash(load_experiment(None, ["seed=1"]))
     flat = flatten({"train": {"lr": 0.1}, "grid": {}})
     assert flat == {"train.lr": 0.1, "grid": {}}
 
@@ -140,7 +132,7 @@ def test_every_yaml_loads(path):
 def test_grid_mapping_values_merge_into_the_base():
     from mmray.tune.sweep import trial_experiment
 
-    abl = load_config(CONFIGS / "ablations/demo.yaml", ["method.fusion=sum"], cls=AblationConfig)
+    abl = load_ablation(CONFIGS / "ablations/demo.yaml", ["method.fusion=sum"])
     cfg = trial_experiment(to_dict(abl.experiment), {"method": {"name": "mla", "options": {"fusion_rule": "fixed"}}}, {})
     assert cfg.method.name == "mla" and cfg.method.fusion == "sum"  # fusion kept from the base
     assert cfg.method.options["fusion_rule"] == "fixed" and cfg.method.options["project"] is True
@@ -152,25 +144,25 @@ def test_grid_mapping_values_merge_into_the_base():
 def test_every_ablation_shrinks_to_a_smoke_run(path):
     from mmray.cli import SMOKE_OVERRIDES
 
-    abl = load_config(path, SMOKE_OVERRIDES, cls=AblationConfig)  # what `ablate.py --smoke` loads
+    abl = load_ablation(path, SMOKE_OVERRIDES)  # what `ablate.py --smoke` loads
     assert abl.experiment.train.epochs == 1 and abl.experiment.data.synthetic.num_samples == 48
 
 
 def test_paths_are_made_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["data.root=raw", "model.weights={audio: w/a.pt}",
+    cfg = load_experiment(None, ["data.root=raw", "model.weights={audio: w/a.pt}",
                              "method.name=m2pt", "method.options={aux_weights: ~/aux.pt}"])
     assert cfg.data.root == str(tmp_path / "raw")
     assert cfg.model.weights == {"audio": str(tmp_path / "w" / "a.pt")}
     assert cfg.method.options["aux_weights"] == str(Path("~/aux.pt").expanduser())
-    assert load_config(None, ["data.root=s3://bucket/raw"]).data.root == "s3://bucket/raw"
+    assert load_experiment(None, ["data.root=s3://bucket/raw"]).data.root == "s3://bucket/raw"
 
 
 def test_a_path_in_a_grid_value_resolves_against_the_ablation_folder(tmp_path, monkeypatch):
     """A trial runs in a Ray session folder; its grid values' paths mean the driver's folder."""
     from mmray.tune.sweep import trial_experiment
 
-    base = to_dict(load_config(None))
+    base = to_dict(load_experiment(None))
     monkeypatch.chdir(tmp_path)  # where the trial process happens to run
     cell = {"method": {"name": "m2pt", "options": {"aux_weights": "aux/audio.pt"}}}
     cfg = trial_experiment(base, cell, {}, workdir="/work/abl")

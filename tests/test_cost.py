@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig
 from mmray.cost import batch_size_of, cost_report, count_params, flops_per_sample, latency
 from mmray.data.spec import DatasetSpec, ModalitySpec
-from mmray.methods import build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, build_method
 
 
 def test_linear_flops_are_two_per_multiply_add():

@@ -10,13 +10,14 @@ import pytest
 import soundfile
 from PIL import Image
 
-from mmray.config import load_config
 from mmray.data.features import image_features, load_image
 from mmray.data.preprocess import Featurizer, _fingerprint, preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
-from mmray.data.sources.base import frame_files
 from mmray.data.sources.cremad import EMOTIONS
+from mmray.data.sources.source import frame_files
+from mmray.train.experiment import load_experiment
+from mmray.tune.grid import load_ablation
 
 SR = 16000
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -47,7 +48,7 @@ def _write(root: Path, clips: list[str], *, frames: int = 3, audio: bool = True)
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_config(None, [
+    return load_experiment(None, [
         "data.dataset=cremad", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
         "data.audio.kind=stft", f"data.audio.sample_rate={SR}", "data.audio.seconds=0.5",
         "data.audio.n_fft=256", "data.audio.hop_length=128", "data.image.size=16",
@@ -235,9 +236,9 @@ def test_the_balance_grid_runs_on_cremad_with_one_override_of_the_data_root(ray_
     """configs/ablations/balance_cremad.yaml as the sweep builds each trial: every cell (ResNet18
     encoders as configured) trains on CREMA-D files, sized down to seconds."""
     from mmray.cli import prepare_data
-    from mmray.config import AblationConfig, to_dict
+    from mmray.config import to_dict
     from mmray.train.loop import run_local
-    from mmray.tune.search import expand_grid
+    from mmray.tune.grid import expand_grid
     from mmray.tune.sweep import trial_experiment
 
     root = _write(tmp_path / "CREMA-D", _clips(4), frames=3)
@@ -245,8 +246,7 @@ def test_the_balance_grid_runs_on_cremad_with_one_override_of_the_data_root(ray_
               "data.image.size=16", "data.frames=2", "train.epochs=1", "train.batch_size=8",
               "model.feature_dim=16", "data.cremad.test=0.25", "data.cremad.val=0.34",
               "grid.seed=[0]"]
-    abl = load_config(CONFIGS / "ablations" / "balance_cremad.yaml", [f"data.root={root}", *shrink],
-                      cls=AblationConfig)
+    abl = load_ablation(CONFIGS / "ablations" / "balance_cremad.yaml", [f"data.root={root}", *shrink])
     assert abl.experiment.data.dataset == "cremad" and abl.experiment.model.encoder == "timm"
     prepared = prepare_data(abl.experiment.data)
     assert prepared.manifest["spec"]["modalities"]["visual"]["shape"] == [6, 16, 16]

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from mmray.config import ConfigError, MethodConfig, ModelConfig, load_config
+from mmray.config import ConfigError
 from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec, ModalitySpec
-from mmray.methods import StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.dynmm import expected_flops, flops_saving, gate_weights, resource_loss
 from mmray.methods.dynmm_fusion import STAGES, stage_fusion_weights, temperature_at
+from mmray.train.experiment import load_experiment
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 VEC = DatasetSpec("vec", {"text": ModalitySpec("vector", (16,)), "image": ModalitySpec("vector", (32,))},
@@ -235,7 +237,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\['audio'\] is not 'late_fusion' or a modality"):
         dynmm(experts=["audio", "late_fusion"])
     with pytest.raises(ConfigError, match="method.options.experts"):
-        load_config(None, ["method.name=dynmm", "method.options={experts: [text]}"])
+        load_experiment(None, ["method.name=dynmm", "method.options={experts: [text]}"])
     assert list(dynmm(experts=["text", "image", "late_fusion"]).experts) == ["text", "image", "late_fusion"]
 
 
@@ -317,5 +319,5 @@ def test_fusion_needs_maps_and_the_small_encoders():
     with pytest.raises(ValueError, match="primary: 'x'"):
         fusion(primary="x")
     with pytest.raises(ConfigError, match="init_epochs"):
-        load_config(None, ["method.name=dynmm_fusion",
+        load_experiment(None, ["method.name=dynmm_fusion",
                            "method.options={init_epochs: 3, epochs_hard: 1}"])

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmray.config import ModelConfig, TextFeatures
-from mmray.data.features import tokenize
+from mmray.data.features import TextFeatures, tokenize
 from mmray.data.spec import ModalitySpec
-from mmray.encoders import build_encoder
+from mmray.encoders import ModelConfig, build_encoder
 from mmray.encoders.pretrained import TimmEncoder
 
 SPECS = {"audio": ModalitySpec("audio", (1, 20, 16)), "image": ModalitySpec("image", (3, 32, 32)),

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from mmray.config import load_config
 from mmray.data.preprocess import preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
+from mmray.train.experiment import load_experiment
 
 HEADER = "filename,fold,target,category,esc10,src_file,take\n"
 CATEGORIES = ("dog", "rooster", "chirping_birds")
@@ -44,7 +44,7 @@ def _write(root: Path, rows, audio: bool = True) -> Path:
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_config(None, [
+    return load_experiment(None, [
         "data.dataset=esc50", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
         "data.audio.sample_rate=16000", "data.audio.seconds=0.25", "data.audio.n_mels=16",
         "data.audio.n_fft=400", "data.audio.hop_length=160", "data.parallelism=1", *extra]).data

@@ -7,8 +7,16 @@ import pytest
 import soundfile
 from PIL import Image
 
-from mmray.config import AudioFeatures, ImageFeatures, TextFeatures
-from mmray.data.features import audio_features, image_features, load_audio, load_image, tokenize
+from mmray.data.features import (
+    AudioFeatures,
+    ImageFeatures,
+    TextFeatures,
+    audio_features,
+    image_features,
+    load_audio,
+    load_image,
+    tokenize,
+)
 
 
 def _wav(path, sr=8000, seconds=0.5, freq=440.0):

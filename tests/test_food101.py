@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmray.config import load_config
 from mmray.data.features import tokenize
 from mmray.data.preprocess import Featurizer, preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
+from mmray.train.experiment import load_experiment
 
 CLASSES = ("pizza", "apple_pie", "hot_dog")  # listed unsorted: labels follow the sorted names
 
@@ -40,7 +40,7 @@ def _write(root: Path, per_class: dict[str, int], *, images: bool = True) -> Pat
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_config(None, [
+    return load_experiment(None, [
         "data.dataset=food101", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
         "data.image.size=16", "data.text.max_tokens=8", "data.parallelism=1", *extra]).data
 

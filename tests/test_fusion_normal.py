@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmray.config import MethodConfig, ModelConfig
 from mmray.data.spec import DatasetSpec, ModalitySpec
-from mmray.methods import METHODS, StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import METHODS, MethodConfig, StepContext, build_method
 from mmray.modules.fusion import LateFusion
 
 SPEC = DatasetSpec("toy", {"audio": ModalitySpec("audio", (1, 12, 8)),

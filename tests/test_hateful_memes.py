@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmray.config import load_config
 from mmray.data.preprocess import Featurizer, preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
+from mmray.train.experiment import load_experiment
 
 
 def line(sid: int, label: int | None, text: str = "") -> str:
@@ -40,7 +40,7 @@ def write(root: Path, n_train: int = 10, test_labelled: bool = False, images: bo
 
 
 def data_cfg(root: Path, tmp_path: Path, *extra: str):
-    return load_config(None, [
+    return load_experiment(None, [
         "data.dataset=hateful_memes", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
         "data.image.size=16", "data.text.max_tokens=8", "data.parallelism=1", *extra]).data
 

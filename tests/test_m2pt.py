@@ -11,11 +11,12 @@ import timm
 import torch
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig, load_config
 from mmray.cost import count_params, flops_per_sample
 from mmray.data.spec import DatasetSpec, ModalitySpec
-from mmray.methods import StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.modules.reparam import CrossModalLinear, cross_modal_layers, merge, reparameterize
+from mmray.train.experiment import load_experiment
 
 # A tiny timm ViT by VisionTransformer kwargs (any timm ViT name takes them).
 NAME = "vit_tiny_patch16_224"
@@ -209,9 +210,9 @@ def test_target_modality_choice_and_errors():
     with pytest.raises(ValueError, match="dataset 'a' has no image modality"):
         build_method(no_image, ModelConfig(), MethodConfig("m2pt"))
     with pytest.raises(ValueError, match="method.options.model_kwargs.img_size: set from the target"):
-        load_config(None, ["method.name=m2pt", "method.options={model_kwargs: {img_size: 224}}"])
+        load_experiment(None, ["method.name=m2pt", "method.options={model_kwargs: {img_size: 224}}"])
     with pytest.raises(ValueError, match="method.options.layers"):
-        load_config(None, ["method.name=m2pt", "method.options={layers: [attn.qkv, attn.qkv]}"])
+        load_experiment(None, ["method.name=m2pt", "method.options={layers: [attn.qkv, attn.qkv]}"])
     with pytest.raises(ValueError, match="method.options.timm_name: unknown timm model 'nope'"):
         m2pt(timm_name="nope")
 
@@ -230,7 +231,7 @@ def test_trains_end_to_end_with_an_auxiliary_trained_on_audio(tiny_data, tmp_pat
     aux_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
                   if k in ("img_size", "in_chans", "num_classes")}
     # The method's own config, as it ships, pointed at the auxiliary.
-    method = load_config(Path(__file__).resolve().parents[1] / "configs/methods/m2pt.yaml", [
+    method = load_experiment(Path(__file__).resolve().parents[1] / "configs/methods/m2pt.yaml", [
         f"method.options.aux_weights={tmp_path / 'aux.pt'}", "method.options.aux_modality=audio",
         f"method.options.aux_kwargs={aux_kwargs}"]).method
     # 6 epochs: the tiny ViT sits at chance for about 3 before its loss starts to fall.

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmray.config import MethodConfig, ModelConfig
 from mmray.data.spec import DatasetSpec, ModalitySpec
-from mmray.methods import StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.map import initial_prompts, prompt_insertions
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmray.config import MethodConfig, MissingConfig, ModelConfig, TextFeatures
 from mmray.data import missing
-from mmray.data.features import tokenize
-from mmray.data.missing import MissingSpec, sample
+from mmray.data.features import TextFeatures, tokenize
+from mmray.data.missing import MissingConfig, MissingSpec, sample
 from mmray.data.reader import spec_of
 from mmray.data.spec import DatasetSpec, ModalitySpec
-from mmray.methods import METHODS, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import METHODS, MethodConfig, build_method
 
 IDS = [f"s{i:04d}" for i in range(1000)]
 IMAGE_TEXT = ["image", "text"]

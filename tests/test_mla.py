@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from test_fusion_normal import ML_SPEC, SPEC, SPEC3, make_batch
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig
-from mmray.methods import StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.mla import (
     batch_entropy_weights,
     entropy_weights,

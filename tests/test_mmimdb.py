@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from mmray.cli import SMOKE_OVERRIDES
-from mmray.config import MethodConfig, load_config
 from mmray.data.preprocess import preprocess
 from mmray.data.reader import load_manifest, read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.mmimdb import FILE_NAME, GENRES, split_ranges
+from mmray.methods import MethodConfig
+from mmray.train.experiment import load_experiment
 
 N = 40
 
@@ -42,7 +43,7 @@ def write_hdf5(folder, n: int = N, skip: str = "", shapes: dict | None = None, g
 
 
 def data_cfg(tmp_path, *extra):
-    cfg = load_config(None, [*SMOKE_OVERRIDES, "data.dataset=mmimdb", f"data.root={tmp_path / 'raw'}",
+    cfg = load_experiment(None, [*SMOKE_OVERRIDES, "data.dataset=mmimdb", f"data.root={tmp_path / 'raw'}",
                              f"data.data_dir={tmp_path / 'shards'}", "data.batch_rows=16", *extra])
     return cfg
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmray.config import load_config
 from mmray.data.features import tokenize
 from mmray.data.preprocess import Featurizer, preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.mmimdb import GENRES
+from mmray.train.experiment import load_experiment
 
 MOVIES = {  # id -> (plots, genres); News is not one of the 23 genres
     "0000001": (["A drama, with commas.", "A second plot."], ["Drama", "Romance"]),
@@ -39,7 +39,7 @@ def write(root: Path, layout: tuple[str, str] = ("dataset", "dataset"), split=No
 
 
 def data_cfg(root: Path, tmp_path: Path, *extra: str):
-    return load_config(None, [
+    return load_experiment(None, [
         "data.dataset=mmimdb_raw", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
         "data.image.size=16", "data.text.max_tokens=8", "data.parallelism=1", *extra]).data
 

@@ -45,10 +45,10 @@ def cluster():
 
 
 def concurrency_of(resources: dict, overrides: list[str]) -> int:
-    from mmray.config import AblationConfig, load_config
+    from mmray.tune.grid import load_ablation
     from mmray.tune.sweep import concurrency
 
-    abl = load_config(ROOT / "configs/ablations/demo.yaml", overrides, cls=AblationConfig)
+    abl = load_ablation(ROOT / "configs/ablations/demo.yaml", overrides)
     return concurrency(abl, 8, resources)
 
 

@@ -9,8 +9,8 @@ import torch
 from test_fusion_normal import ML_SPEC, SPEC, SPEC3, make_batch
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig
-from mmray.methods import StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.ogm_ge import modulate_, ogm_coefficients, ogm_ratios, ogm_scores
 
 MODEL = ModelConfig(width=4, feature_dim=8)

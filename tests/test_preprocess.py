@@ -13,17 +13,17 @@ import pytest
 import torch
 
 from mmray.cli import SMOKE_OVERRIDES
-from mmray.config import load_config
 from mmray.data.preprocess import Featurizer, preprocess
 from mmray.data.reader import collate, load_manifest, ray_dataset, read_split, spec_of
 from mmray.data.sources import get_source
-from mmray.data.synthetic import generate
+from mmray.data.sources.synthetic import generate
+from mmray.train.experiment import load_experiment
 
 pytestmark = pytest.mark.ray
 
 
 def _data_cfg(tmp_path, *extra):
-    cfg = load_config(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=40",
+    cfg = load_experiment(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=40",
                              f"data.root={tmp_path / 'raw'}", f"data.data_dir={tmp_path / 'shards'}",
                              *extra])
     generate(cfg.data.synthetic, cfg.data.root)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from test_fusion_normal import ML_SPEC, SPEC, SPEC3, make_batch
 
-from mmray.config import MethodConfig, ModelConfig
-from mmray.methods import StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.qmf import LossHistory, confidence_fusion, energy_confidence, rank_loss
 
 MODEL = ModelConfig(width=4, feature_dim=8)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from test_map import CPU, PATCHES, SPEC, batch, block_inputs
 
-from mmray.config import MethodConfig, ModelConfig
-from mmray.methods import build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, build_method
 from mmray.methods.rep import ResidualNet, replay, separation_loss
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 

@@ -17,10 +17,11 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from scipy import stats as sst
 
-from mmray.config import AblationConfig, ConfigError, from_dict
+from mmray.config import ConfigError, from_dict
 from mmray.report.summary import child_runs, summarize
 from mmray.report.writer import latest_parent, report_options, write_report
 from mmray.tracking import mlflow_log as ml
+from mmray.tune.grid import AblationConfig
 
 GRID = {"method.name": ["normal", "ogm_ge"], "data.missing.test_rate": [0.0, 0.5], "seed": [0, 1, 2]}
 # (method, rate) -> test/acc per seed; ogm_ge at rate 0.5 has no finished seed 2

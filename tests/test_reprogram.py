@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmray.config import MethodConfig, ModelConfig, load_config
 from mmray.data.spec import DatasetSpec, ModalitySpec
-from mmray.methods import StepContext, build_method
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.reprogram import info_nce, zero_shot_logits
 from mmray.modules.reprogram import (
     ModalityStem,
@@ -20,6 +20,7 @@ from mmray.modules.reprogram import (
     class_text_embeddings,
     encode_tokens,
 )
+from mmray.train.experiment import load_experiment
 from mmray.train.metrics import MetricAccumulator
 
 SPEC = DatasetSpec("av", {"audio": ModalitySpec("audio", (1, 30, 32)),
@@ -239,13 +240,13 @@ def test_sizes_follow_the_clip_model_and_bad_settings_are_named():
     with pytest.raises(ValueError, match="multi-label"):
         method(dataclasses.replace(SPEC, multilabel=True))
     with pytest.raises(ValueError, match="method.options.temperature.audio: 0.0 must be positive"):
-        load_config(None, ["method.name=reprogram", "method.options={temperature: {audio: 0}}"])
+        load_experiment(None, ["method.name=reprogram", "method.options={temperature: {audio: 0}}"])
     with pytest.raises(ValueError, match="method.options.templates.audio"):
-        load_config(None, ["method.name=reprogram", "method.options={templates: {audio: [x]}}"])
+        load_experiment(None, ["method.name=reprogram", "method.options={templates: {audio: [x]}}"])
     with pytest.raises(ValueError, match="method.options.temperature.text: not a modality kind"):
-        load_config(None, ["method.name=reprogram", "method.options={temperature: {text: 1}}"])
+        load_experiment(None, ["method.name=reprogram", "method.options={temperature: {text: 1}}"])
     # A kind not given keeps its default.
-    opts = load_config(None, ["method.name=reprogram", "method.options.temperature={audio: 0.1}"]).method.options
+    opts = load_experiment(None, ["method.name=reprogram", "method.options.temperature={audio: 0.1}"]).method.options
     assert opts["temperature"] == {"audio": 0.1, "depth": 1.0} and "{}" in opts["templates"]["depth"][0]
 
 
@@ -258,7 +259,7 @@ def test_trains_end_to_end_reprogrammed_and_separate(tiny_data):
     configs = Path(__file__).resolve().parents[1] / "configs"
     results = {}
     for encoder in ("reprogram", "separate"):  # the method's own config, as it ships
-        method = load_config(configs / "methods/reprogram.yaml", [f"method.options.encoder={encoder}"]).method
+        method = load_experiment(configs / "methods/reprogram.yaml", [f"method.options.encoder={encoder}"]).method
         run = dataclasses.replace(cfg, method=method)
         history = run_local(run, prepared.version_dir)
         last = history[-1]

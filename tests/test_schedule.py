@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_fusion_normal import SPEC
 
-from mmray.config import load_config
+from mmray.train.experiment import load_experiment
 from mmray.train.loop import build_state, warmup_linear
 
 
@@ -30,7 +30,7 @@ def _lrs(state, epochs: int) -> list[float]:
 
 
 def test_each_epoch_runs_at_its_midpoints_value_and_resumes():
-    cfg = load_config(None, ["train.scheduler=linear", "train.warmup=0.5", "train.epochs=4",
+    cfg = load_experiment(None, ["train.scheduler=linear", "train.warmup=0.5", "train.epochs=4",
                              "train.optimizer=adamw", "train.lr=0.01", "model.width=4",
                              "model.feature_dim=8"])
     state = build_state(cfg, SPEC, torch.device("cpu"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import optuna
 
-from mmray.config import ParamRange
-from mmray.tune.search import CellSearcher, cell_name, expand_grid, trial_name
+from mmray.tune.grid import ParamRange, cell_name, expand_grid, trial_name
+from mmray.tune.search import CellSearcher
 
 
 def test_grid_is_the_cartesian_product_in_axis_order():

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmray.config import DepthFeatures, load_config
-from mmray.data.features import depth_features, load_depth
+from mmray.data.features import DepthFeatures, depth_features, load_depth
 from mmray.data.preprocess import Featurizer, preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
+from mmray.train.experiment import load_experiment
 
 SCENES = ("bedroom", "kitchen", "living_room")
 
@@ -60,7 +60,7 @@ def _dataset(root: Path, per_scene: int = 4) -> dict[str, list[str]]:
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_config(None, [
+    return load_experiment(None, [
         "data.dataset=sunrgbd", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
         "data.image.size=8", "data.depth.size=8", "data.depth.rotate_bits=3",
         "data.parallelism=1", *extra]).data
@@ -104,7 +104,7 @@ def test_a_non_depth_png_is_named(tmp_path):
 
 def test_depth_config_errors_name_the_key():
     with pytest.raises(ValueError, match="data.depth.min_depth: 9.0 must be below max_depth"):
-        load_config(None, ["data.depth.min_depth=9", "data.depth.max_depth=8"])
+        load_experiment(None, ["data.depth.min_depth=9", "data.depth.max_depth=8"])
 
 
 # -- the source -------------------------------------------------------------------------------
@@ -228,9 +228,9 @@ def test_preprocess_shapes_match_spec(ray_local, tmp_path):
 def test_a_depth_modality_gets_an_encoder():
     import torch
 
-    from mmray.config import MethodConfig, ModelConfig
     from mmray.data.spec import DatasetSpec, ModalitySpec
-    from mmray.methods import build_method
+    from mmray.encoders import ModelConfig
+    from mmray.methods import MethodConfig, build_method
 
     spec = DatasetSpec("rgbd", {"image": ModalitySpec("image", (3, 8, 8)),
                                 "depth": ModalitySpec("depth", (1, 8, 8))}, 3)
@@ -244,12 +244,13 @@ def test_a_depth_modality_gets_an_encoder():
 def test_fusion_level_dynmm_trains_on_rgb_depth_through_the_pipeline(ray_local, tmp_path):
     """DynMM's fusion level (METHODS.md §5) on an RGB-depth pair: SUN RGB-D files -> shards ->
     the training loop, with the gate's choices and their measured costs logged."""
-    from mmray.config import MethodConfig
+    from mmray.methods import MethodConfig
+    from mmray.train.experiment import load_experiment
     from mmray.train.loop import run_local
 
     root = tmp_path / "SUNRGBD"
     _dataset(root, per_scene=6)
-    cfg = load_config(None, [
+    cfg = load_experiment(None, [
         "data.dataset=sunrgbd", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
         "data.image.size=16", "data.depth.size=16", "data.depth.rotate_bits=3", "data.parallelism=1",
         "data.sunrgbd.val=0.2", "model.width=4", "model.feature_dim=8", "train.epochs=3",

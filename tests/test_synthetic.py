@@ -12,10 +12,16 @@ import pytest
 import soundfile
 from PIL import Image
 
-from mmray.config import AudioFeatures, DataConfig, ImageFeatures, SyntheticConfig
-from mmray.data.features import audio_features, image_features, load_audio, load_image
-from mmray.data.sources.synthetic import SyntheticSource
-from mmray.data.synthetic import generate
+from mmray.data.features import (
+    AudioFeatures,
+    ImageFeatures,
+    audio_features,
+    image_features,
+    load_audio,
+    load_image,
+)
+from mmray.data.sources import DataConfig
+from mmray.data.sources.synthetic import SyntheticConfig, SyntheticSource, generate
 
 SMALL = dict(num_samples=40, num_classes=4, audio_seconds=0.25, image_size=16)
 

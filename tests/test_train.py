@@ -9,9 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mmray.config import MethodConfig
 from mmray.data.reader import read_split, spec_of
-from mmray.methods import METHODS, build_method
+from mmray.methods import METHODS, MethodConfig, build_method
 from mmray.train.loop import run_local
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import re
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import soundfile
@@ -16,7 +18,68 @@ import torch
 import torchaudio
 from PIL import Image
 
-from mmray.config import AudioFeatures, DepthFeatures, ImageFeatures, TextFeatures
+from mmray.config import bounds
+
+
+@dataclass
+class AudioFeatures:
+    # fbank: torchaudio Kaldi filterbank; logmel: log mel spectrogram; stft: log-magnitude STFT.
+    kind: Literal["fbank", "logmel", "stft"] = "fbank"
+    sample_rate: int = field(default=8000, metadata=bounds(1000, 192000))
+    # Fixed-length crop (or zero pad) in seconds, taken from the start of the clip.
+    seconds: float = field(default=0.5, metadata=bounds(0.05, 60.0))
+    n_mels: int = field(default=32, metadata=bounds(4, 512))
+    n_fft: int = field(default=256, metadata=bounds(16, 16384))
+    hop_length: int = field(default=128, metadata=bounds(1, 16384))
+    # Per-feature normalisation after the transform: (x - mean) / std.
+    mean: float = 0.0
+    std: float = field(default=1.0, metadata=bounds(0.0, None, lo_open=True))
+
+
+@dataclass
+class ImageFeatures:
+    size: int = field(default=32, metadata=bounds(8, 1024))
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class TextFeatures:
+    # hash: a stable hash of each lower-cased word into [1, vocab_size), 0 pads (for the small
+    # bag-of-embeddings encoder); open_clip: the BPE tokenizer of `open_clip_model`.
+    tokenizer: Literal["hash", "open_clip"] = "hash"
+    vocab_size: int = field(default=1024, metadata=bounds(8, 10_000_000))
+    # Tokens per sample (the context length for open_clip).
+    max_tokens: int = field(default=32, metadata=bounds(1, 4096))
+    open_clip_model: str = "mmray-tiny"
+
+
+@dataclass
+class DepthFeatures:
+    """Depth maps -> normalised disparity (`mmray.data.features.depth_features`).
+
+    With d the depth in metres, clamped to [min_depth, max_depth], a pixel's value is
+    (min_depth / d − mean) / std: disparity scaled to (0, 1] (1 at min_depth), then normalised.
+    Pixels with no reading (stored 0) are 0 after normalisation.
+    """
+
+    # Output size (size × size); nearest-neighbour resize, so no-reading zeros never blend in.
+    size: int = field(default=32, metadata=bounds(8, 1024))
+    # The stored 16-bit values are the millimetres rotated left by this many bits, undone on
+    # reading: 3 for SUN RGB-D's depth PNGs (its toolbox's read3dPoints.m), 0 for plain mm.
+    rotate_bits: int = field(default=0, metadata=bounds(0, 15))
+    # Depth range in metres: nearer readings count as min_depth, farther ones as max_depth
+    # (the SUN RGB-D toolbox caps at 8 m).
+    min_depth: float = field(default=0.5, metadata=bounds(0.0, None, lo_open=True))
+    max_depth: float = field(default=10.0, metadata=bounds(0.0, None, lo_open=True))
+    # Normalisation of the scaled disparity: (x - mean) / std.
+    mean: float = 0.0
+    std: float = field(default=1.0, metadata=bounds(0.0, None, lo_open=True))
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if self.min_depth >= self.max_depth:
+            errors.append(f"{path}.min_depth: {self.min_depth} must be below max_depth "
+                          f"({self.max_depth})")
 
 
 def load_audio(path: str | Path, sample_rate: int, seconds: float) -> np.ndarray:

@@ -23,13 +23,50 @@ from __future__ import annotations
 import os
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mmray.config import MissingConfig, TextFeatures
+from mmray.config import bounds
+from mmray.data.features import TextFeatures
 from mmray.data.spec import DatasetSpec
+
+
+@dataclass
+class MissingConfig:
+    """Missing-modality simulation (METHODS.md §6): which samples miss which modality.
+
+    A table per (split, rate, type, seed) is sampled once and stored beside the shards, so every
+    method and every rerun sees the same pattern. A missing modality is filled (images with
+    ones, text with the tokens of an empty string, other kinds with zeros), its `present` mask is
+    False, and every method zeroes its features.
+    """
+
+    # η of the train split.
+    train_rate: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    # η of the val and test splits.
+    test_rate: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    # A modality name: that modality is missing in η of the samples. both / any: η of the
+    # samples miss exactly one modality, spread evenly over the modalities (half image, half
+    # text for an image-text pair: "both" in the MAP/REP papers); no sample misses all.
+    type: str = "both"
+    # Seed of the tables (the same seed gives the same table for every method).
+    seed: int = 0
+    # Robustness: after the last epoch the test split is also evaluated at each of these rates
+    # for each type in eval_types (default: `type`), logged as test_miss_<type>_<rate>/<metric>.
+    eval_rates: list[float] = field(default_factory=list)
+    eval_types: list[str] = field(default_factory=list)
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        for i, r in enumerate(self.eval_rates):
+            if not 0.0 <= r <= 1.0:
+                errors.append(f"{path}.eval_rates[{i}]: {r} is outside [0, 1]")
+        for i, t in enumerate([self.type, *self.eval_types]):
+            if not t or not t.replace("_", "").isalnum():
+                where = f"{path}.type" if i == 0 else f"{path}.eval_types[{i - 1}]"
+                errors.append(f"{where}: {t!r} must be both, any or a modality name")
+
 
 BALANCED = ("both", "any")
 

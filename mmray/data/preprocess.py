@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmray.config import DataConfig
-from mmray.data.sources import Item, get_source
+from mmray.data.sources import DataConfig, Item, get_source
 from mmray.data.spec import DatasetSpec
 
 MANIFEST = "manifest.json"
@@ -119,7 +118,7 @@ class Featurizer:
             wave = F.load_audio(path, self.cfg.audio.sample_rate, self.cfg.audio.seconds)
             return F.audio_features(wave, self.cfg.audio)
         if kind == "image" and path.endswith("/"):  # a folder of frames, stacked on channels
-            from mmray.data.sources.base import frame_files
+            from mmray.data.sources.source import frame_files
 
             return np.concatenate([F.image_features(F.load_image(f), self.cfg.image)
                                    for f in frame_files(path, self.cfg.frames)])

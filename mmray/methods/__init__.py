@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from mmray.config import MethodConfig, ModelConfig
+import dataclasses
+
+from mmray.config import convert
 from mmray.data.spec import DatasetSpec
-from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.encoders import ModelConfig
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 from mmray.methods.dynmm import DynMM
 from mmray.methods.dynmm_fusion import DynMMFusion
 from mmray.methods.m2pt import M2PT
@@ -30,6 +33,17 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+def check_method_config(cfg: MethodConfig, path: str, errors: list[str]) -> None:
+    """The method name is registered and its options fit its `Config`; the options become that
+    Config's full set of values (defaults filled in), so params and hashes record them all."""
+    if cfg.name not in METHODS:
+        errors.append(f"{path}.name: unknown method {cfg.name!r}; known: {sorted(METHODS)}")
+        return
+    opts_cls = METHODS[cfg.name].Config
+    cfg.options = dataclasses.asdict(convert(opts_cls, cfg.options, f"{path}.options", errors)
+                                     or opts_cls())
+
+
 def build_method(spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig) -> Method:
     try:
         cls = METHODS[method_cfg.name]
@@ -38,4 +52,5 @@ def build_method(spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodCo
     return cls(spec, model_cfg, method_cfg)
 
 
-__all__ = ["METHODS", "Batch", "Method", "Output", "StepContext", "build_method"]
+__all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Output", "StepContext", "build_method",
+           "check_method_config"]

@@ -10,17 +10,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig
 from mmray.data.spec import DatasetSpec
-from mmray.encoders import build_encoder
+from mmray.encoders import ModelConfig, build_encoder
 
 Batch = dict[str, Any]
+
+
+@dataclass
+class MethodConfig:
+    # One of mmray.methods.METHODS.
+    name: str = "normal"
+    # Late fusion of the per-modality features: concat (W[h_a; h_v] + b) or sum (Σ W_m h_m + b).
+    fusion: Literal["concat", "sum"] = "concat"
+    # Method-specific options, checked against that method's Config dataclass (where the
+    # registry is visible: `mmray.methods.check_method_config`).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,7 +80,7 @@ class Method(nn.Module):
     # a text modality for CLIP's two towers); empty: any kinds.
     modality_kinds: ClassVar[tuple[str, ...]] = ()
     # The method builds open_clip's CLIP (model.open_clip_model, model.clip_weights) itself, so
-    # the config must give it open_clip tokens and CLIP's input sizes (checked in config.py).
+    # the config must give it open_clip tokens and CLIP's input sizes (checked in mmray/train/experiment.py).
     clip_backbone: ClassVar[bool] = False
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):

@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig, bounds
+from mmray.config import bounds
 from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec
-from mmray.encoders import build_encoder
+from mmray.encoders import ModelConfig, build_encoder
+from mmray.methods import MethodConfig
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.modules.fusion import LateFusion
 

@@ -44,10 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig, bounds
+from mmray.config import bounds
 from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec
+from mmray.encoders import ModelConfig
 from mmray.encoders.small import SmallCNN
+from mmray.methods import MethodConfig
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.methods.dynmm import (
     GateInput,

@@ -57,9 +57,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig, path_field
+from mmray.config import path_field
 from mmray.data.spec import DatasetSpec
+from mmray.encoders import ModelConfig
 from mmray.encoders.pretrained import load_local_weights
+from mmray.methods import MethodConfig
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.modules.reparam import DEFAULT_LAYERS, cross_modal_layers, merge, reparameterize
 

@@ -63,8 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig
 from mmray.data.spec import DatasetSpec
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig
 from mmray.methods.base import Batch, Method, Output, StepContext
 
 

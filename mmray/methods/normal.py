@@ -9,8 +9,9 @@ derive unimodal logits the same way for concat fusion.
 
 from __future__ import annotations
 
-from mmray.config import MethodConfig, ModelConfig
 from mmray.data.spec import DatasetSpec
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig
 from mmray.methods.base import Batch, Method, Output
 from mmray.modules.fusion import LateFusion
 

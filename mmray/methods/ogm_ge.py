@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig, bounds
+from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
+from mmray.encoders import ModelConfig
+from mmray.methods import MethodConfig
 from mmray.methods.base import Batch, StepContext
 from mmray.methods.normal import Normal
 

@@ -56,10 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import MethodConfig, ModelConfig, bounds, path_field
+from mmray.config import bounds, path_field
 from mmray.cost import count_params, flops_per_sample
 from mmray.data.spec import DatasetSpec
+from mmray.encoders import ModelConfig
 from mmray.encoders.pretrained import build_clip, keep_frozen_out_of_state_dict
+from mmray.methods import MethodConfig
 from mmray.methods.base import Batch, Method, Output, StepContext
 from mmray.modules.reprogram import (
     ModalityStem,

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from mmray.report import stats
+from mmray.tune.grid import short_keys
 
 SEED_KEY = "seed"  # the grid axis of seeds: aggregated over, never a column or a comparison
 RATE_AXIS = "data.missing.test_rate"
@@ -128,12 +129,6 @@ def with_available_metrics(results: list[CellResult],
     note = (f"No run logged `{main[0]}` (no test split?): the validation `{options.search_metric}` "
             "that selected the trials is reported instead; it is optimistically biased.")
     return replace(options, metrics=(options.search_metric,)), note
-
-
-def short_keys(keys: list[str]) -> dict[str, str]:
-    """Last path component of each key, or the whole key where two would collide."""
-    last = [k.split(".")[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
 def cell_label(cell: dict[str, str], axes: list[str], skip: tuple[str, ...] = ()) -> str:

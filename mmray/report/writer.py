@@ -16,12 +16,12 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from mmray.config import AblationConfig, value_label
 from mmray.report import compare, plots, stats
 from mmray.report.compare import SEED_KEY, CellResult, Comparison, ReportOptions
 from mmray.report.render import Block, Heading, Image, Table, Text, to_html, to_markdown
 from mmray.report.summary import child_runs, histories, summarize
 from mmray.tracking.mlflow_log import PARENT_TAG, SWEEP_TAG
+from mmray.tune.grid import AblationConfig, value_label
 
 FILES = ("report.md", "report.html", "report.json")
 ARTIFACT_DIR = "report"

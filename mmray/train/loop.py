@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmray.config import ExperimentConfig, TrainConfig
 from mmray.cost import count_params
 from mmray.data.missing import MissingSpec, robustness_specs, split_specs
 from mmray.data.spec import DatasetSpec
 from mmray.methods import Batch, Method, StepContext, build_method
+from mmray.train.experiment import ExperimentConfig, TrainConfig
 from mmray.train.metrics import MetricAccumulator
 
 # (split, epoch, missing-modality table to apply or None) -> batches

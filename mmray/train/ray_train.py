@@ -22,9 +22,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from mmray.config import ExperimentConfig, from_dict, to_dict
+from mmray.config import from_dict, to_dict
 from mmray.data import missing
 from mmray.data.reader import collate, load_manifest, ray_dataset, spec_of
+from mmray.train.experiment import ExperimentConfig
 from mmray.train.loop import (
     CHECKPOINT_FILE,
     RunState,

@@ -13,40 +13,13 @@ sweep and its MLflow runs find each other.
 
 from __future__ import annotations
 
-import itertools
 import pickle
-import re
 from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
 
-from mmray.config import ParamRange, value_label
-
-
-def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of the axes, in the order the axes are written."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-
-
-def _short_keys(keys: list[str]) -> dict[str, str]:
-    """Last path component of each key, or the whole key where two would collide."""
-    last = [k.split(".")[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
-
-
-def cell_name(cell: dict[str, Any]) -> str:
-    """A filesystem- and MLflow-safe name, e.g. `name=normal,fusion=concat,seed=0`."""
-    if not cell:
-        return "base"
-    short = _short_keys(list(cell))
-    name = ",".join(f"{short[k]}={value_label(v)}" for k, v in cell.items())
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
-
-
-def trial_name(cell: dict[str, Any], index: int, num_samples: int) -> str:
-    return cell_name(cell) if num_samples == 1 else f"{cell_name(cell)},t={index}"
+from mmray.tune.grid import ParamRange, trial_name
 
 
 def _distribution(r: ParamRange) -> optuna.distributions.BaseDistribution:

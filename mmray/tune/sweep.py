@@ -20,19 +20,12 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mmray.config import (
-    AblationConfig,
-    ExperimentConfig,
-    apply_grid_value,
-    config_hash,
-    flatten,
-    from_dict,
-    to_dict,
-    value_label,
-)
+from mmray.config import config_hash, flatten, from_dict, to_dict
 from mmray.ray_utils import TRIAL_SLOT
 from mmray.tracking import mlflow_log as ml
-from mmray.tune.search import CellSearcher, expand_grid
+from mmray.train.experiment import ExperimentConfig
+from mmray.tune.grid import AblationConfig, apply_grid_value, expand_grid, value_label
+from mmray.tune.search import CellSearcher
 
 
 def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any],

@@ -21,11 +21,16 @@ data.skip_corrupt can skip it.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mmray.config import DataConfig
-from mmray.data.sources.base import Item, Source, feature_shapes, holdout
+from mmray.config import bounds
+from mmray.data.sources.source import Item, Source, feature_shapes, holdout
 from mmray.data.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from mmray.data.sources import DataConfig
 
 EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
 AUDIO_DIR = "AudioWAV"
@@ -40,8 +45,25 @@ def clip_label(name: str) -> int | None:
     return EMOTIONS.index(parts[2])
 
 
+@dataclass
+class CremadConfig:
+    """CREMA-D (`mmray.data.sources.cremad`): official AudioWAV/ plus frames extracted per clip."""
+
+    # Folder under data.root with one folder of JPG frames per clip, named like the clip;
+    # Image-01-FPS (1 frame per second) is where the OGM-GE and MLA reference code reads them.
+    frames_dir: str = "Image-01-FPS"
+    # Fraction of each emotion's clips held out as test, used only when data.root has no
+    # train.csv/test.csv lists (with them, the lists decide test).
+    test: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Fraction of each emotion's train clips held out as val (the references have no val).
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Seed of both hold-outs, which take the clips that rank first by a seeded hash of the name.
+    seed: int = 0
+
+
 class CremadSource(Source):
     name = "cremad"
+    Config = CremadConfig
 
     def _lists(self, cfg: DataConfig) -> list[Path]:
         """The reference split lists, if data.root has them (both or neither)."""

@@ -17,18 +17,34 @@ featurized, so data.skip_corrupt can skip it.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mmray.config import DataConfig
-from mmray.data.sources.base import Item, Source, feature_shapes, holdout
+from mmray.config import bounds
+from mmray.data.sources.source import Item, Source, feature_shapes, holdout
 from mmray.data.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from mmray.data.sources import DataConfig
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
+@dataclass
+class Food101Config:
+    """UPMC Food-101 (`mmray.data.sources.food101`): images/{train,test}/ plus texts/*_titles.csv."""
+
+    # Fraction of each class of train_titles.csv held out as val (the official split has none).
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Seed of the hold-out, which takes the images that rank first by a seeded hash of the name.
+    seed: int = 0
+
+
 class Food101Source(Source):
     name = "food101"
+    Config = Food101Config
 
     def _csv(self, cfg: DataConfig, split: str) -> Path:
         return self.root(cfg) / "texts" / f"{split}_titles.csv"

@@ -22,11 +22,16 @@ the file and line; a missing image is reported when featurized (data.skip_corrup
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mmray.config import DataConfig
-from mmray.data.sources.base import Item, Source, feature_shapes, holdout
+from mmray.config import bounds
+from mmray.data.sources.source import Item, Source, feature_shapes, holdout
 from mmray.data.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from mmray.data.sources import DataConfig
 
 CLASS_NAMES = ("not_hateful", "hateful")
 
@@ -34,8 +39,23 @@ CLASS_NAMES = ("not_hateful", "hateful")
 Row = tuple[str, str, int | None, str, str]
 
 
+@dataclass
+class HatefulMemesConfig:
+    """Hateful Memes (`mmray.data.sources.hateful_memes`): img/ plus train/dev/test JSON lines."""
+
+    # The labelled dev split, read as val (phase-2 downloads name it dev_seen.jsonl).
+    dev_file: str = "dev.jsonl"
+    # The test split: a labelled file is read as test. An unlabelled one (the original
+    # test.jsonl, labels withheld), or "", makes the dev file the test split and holds out
+    # `val` of train (stratified, seeded) as val instead.
+    test_file: str = "test.jsonl"
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    seed: int = 0
+
+
 class HatefulMemesSource(Source):
     name = "hateful_memes"
+    Config = HatefulMemesConfig
 
     def _file(self, cfg: DataConfig, name: str) -> Path:
         return self.root(cfg) / name

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmray.config import DataConfig
-from mmray.data.sources.base import Item, Source
+from mmray.data.sources.source import Item, Source
 from mmray.data.spec import DatasetSpec, ModalitySpec
+
+if TYPE_CHECKING:
+    from mmray.data.sources import DataConfig
 
 FILE_NAME = "multimodal_imdb.hdf5"
 # Exclusive row ends of the standard split (MultiBench `get_dataloader`, DynMM).

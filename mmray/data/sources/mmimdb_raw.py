@@ -23,20 +23,34 @@ a JSON file without touching the text or the split does not change it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from mmray.config import DataConfig
-from mmray.data.sources.base import Item, Source, feature_shapes
 from mmray.data.sources.mmimdb import GENRES
+from mmray.data.sources.source import Item, Source, feature_shapes
 from mmray.data.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from mmray.data.sources import DataConfig
 
 SPLITS = {"train": "train", "dev": "val", "test": "test"}  # split.json key -> mmray split
 # (folder of posters, folder of JSON files): the release's, then MAP's re-organised copy.
 LAYOUTS = (("dataset", "dataset"), ("images", "labels"))
 
 
+@dataclass
+class MMIMDBRawConfig:
+    """MM-IMDB from its raw release (`mmray.data.sources.mmimdb_raw`): posters and plots."""
+
+    # A movie's text: its first plot (what CLIP's context mostly holds anyway), or all its plots
+    # joined by spaces. The MAP reference makes one sample per plot instead.
+    plots: Literal["first", "join"] = "first"
+
+
 class MMIMDBRawSource(Source):
     name = "mmimdb_raw"
+    Config = MMIMDBRawConfig
 
     def _split_file(self, cfg: DataConfig) -> Path:
         return self.root(cfg) / "split.json"

@@ -26,11 +26,16 @@ is named), so data.skip_corrupt can skip it; a missing folder or scene.txt is a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mmray.config import DataConfig
-from mmray.data.sources.base import Item, Source, feature_shapes, holdout
+from mmray.config import bounds
+from mmray.data.sources.source import Item, Source, feature_shapes, holdout
 from mmray.data.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from mmray.data.sources import DataConfig
 
 LISTS = ("train.txt", "test.txt")
 VAL_LIST = "val.txt"
@@ -47,8 +52,24 @@ def _one_file(folder: Path, suffixes: tuple[str, ...], sample: Path) -> str:
     return str(found[0] if found else folder / f"{sample.name}{suffixes[0]}")
 
 
+@dataclass
+class SunRGBDConfig:
+    """SUN RGB-D style scenes (`mmray.data.sources.sunrgbd`): per-sample folders and split lists."""
+
+    # Folder of each sample folder holding its depth PNG: depth (raw) or depth_bfx (filled).
+    depth_dir: str = "depth"
+    # Scene classes kept, in label order; samples of other scenes are left out. Empty: every
+    # scene of train.txt, sorted (then a test scene outside them is an error).
+    classes: list[str] = field(default_factory=list)
+    # Fraction of each class of train.txt held out as val when data.root has no val.txt.
+    val: float = field(default=0.1, metadata=bounds(0.0, 0.5))
+    # Seed of that hold-out (samples ranked by a seeded hash of their folder path).
+    seed: int = 0
+
+
 class SunRGBDSource(Source):
     name = "sunrgbd"
+    Config = SunRGBDConfig
 
     def _read_list(self, path: Path) -> list[tuple[str, str]]:
         """(sample folder relative to data.root, "<file> line <n>") per listed sample."""

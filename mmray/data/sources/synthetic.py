@@ -1,20 +1,206 @@
-"""The synthetic dataset of `mmray.data.synthetic`, read back from its raw layout."""
+"""A synthetic multimodal dataset: its config, the generator that writes it in a real raw layout
+with controllable imbalance, and the source that reads it back.
+
+Layout under `root`: `index.csv` (id, split, label), `audio/<id>.wav` (mono PCM-16),
+`image/<id>.png` (RGB), `text/<id>.txt`, for 2 or 3 of those modalities, and `synthetic.json`
+with the arguments that wrote it.
+
+Signal model, per modality m with strength s_m: each class has a fixed pattern (audio: a chord of
+class-specific frequencies; image: a smooth class-specific colour field; text: class-specific
+words among filler words). A sample's modality shows its own class's pattern with probability
+s_m and a uniformly random class's pattern otherwise, plus noise. The best unimodal accuracy is
+therefore about s_m + (1 - s_m)/C: strength 0.9 makes a dominant modality, 0.4 a weak but
+informative one, the imbalance OGM-GE and MLA address.
+
+Deterministic: each sample draws from its own `default_rng([seed, index])`, so the same arguments
+write byte-identical files.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from mmray.config import DataConfig
-from mmray.data.sources.base import Item, Source, feature_shapes
+import numpy as np
+import soundfile
+from PIL import Image
+
+from mmray.config import bounds
+from mmray.data.sources.source import Item, Source, feature_shapes
 from mmray.data.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from mmray.data.sources import DataConfig
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic dataset `mmray.data.sources.synthetic` writes (used by the demo and the tests)."""
+
+    # Samples over all splits.
+    num_samples: int = field(default=600, metadata=bounds(6))
+    num_classes: int = field(default=4, metadata=bounds(2, 1000))
+    # Which modalities to write, 2 or 3 of audio (WAV), image (PNG), text (TXT).
+    modalities: list[Literal["audio", "image", "text"]] = field(
+        default_factory=lambda: ["audio", "image"]
+    )
+    # Per-modality signal strength in [0, 1]: the fraction of samples whose modality carries its
+    # own class's pattern (the rest carry a random class's pattern). 1 = clean, 0 = no signal.
+    strength: dict[str, float] = field(default_factory=lambda: {"audio": 0.9, "image": 0.5})
+    # Std of the additive noise relative to the pattern amplitude.
+    noise: float = field(default=0.5, metadata=bounds(0.0, 10.0))
+    # Fractions of train / val / test; must sum to 1.
+    splits: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    sample_rate: int = field(default=8000, metadata=bounds(1000, 192000))
+    audio_seconds: float = field(default=0.5, metadata=bounds(0.05, 60.0))
+    image_size: int = field(default=32, metadata=bounds(8, 1024))
+    text_words: int = field(default=12, metadata=bounds(1, 10000))
+    vocab_words: int = field(default=200, metadata=bounds(10, 100000))
+    seed: int = 0
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if not 2 <= len(self.modalities) <= 3 or len(set(self.modalities)) != len(self.modalities):
+            errors.append(f"{path}.modalities: {self.modalities} must name 2 or 3 distinct "
+                          "modalities of audio, image, text")
+        for m in self.modalities:
+            if m not in self.strength:
+                errors.append(f"{path}.strength: no strength for modality {m!r}")
+        known = ("audio", "image", "text")
+        for m, s in self.strength.items():
+            if m not in known:
+                errors.append(f"{path}.strength.{m}: not a modality; accepted: {', '.join(known)}")
+            elif not 0.0 <= s <= 1.0:
+                errors.append(f"{path}.strength.{m}: {s} is outside [0, 1]")
+        # Strengths of modalities not written are dropped: configs merge mappings, so an
+        # included base's {audio: ...} must not leak into an image-text dataset's arguments.
+        self.strength = {m: s for m, s in self.strength.items()
+                         if m in self.modalities or m not in known}
+        if len(self.splits) != 3 or any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
+            errors.append(f"{path}.splits: {self.splits} must be 3 non-negative fractions "
+                          "(train, val, test) summing to 1")
+
+
+SPLITS = ("train", "val", "test")
+_PATTERN_STREAM = 1_000_003  # rng stream for the class patterns, apart from the sample streams
+_AUDIO_AMPLITUDE = 0.25
+_CLASS_WORDS = 6
+
+
+def _class_patterns(cfg: SyntheticConfig) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([cfg.seed, _PATTERN_STREAM])
+    nyquist = cfg.sample_rate / 2
+    # Each class: 3 frequencies drawn without replacement from a grid below 0.8 Nyquist.
+    grid = np.linspace(150.0, 0.8 * nyquist, 4 * cfg.num_classes * 3)
+    freqs = rng.permutation(grid)[: cfg.num_classes * 3].reshape(cfg.num_classes, 3)
+    images = rng.uniform(-1.0, 1.0, size=(cfg.num_classes, 4, 4, 3))
+    return {"audio": freqs, "image": images}
+
+
+def _audio(pattern_freqs: np.ndarray, cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(round(cfg.sample_rate * cfg.audio_seconds))) / cfg.sample_rate
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    wave = sum(np.sin(2 * np.pi * f * t + p) for f, p in zip(pattern_freqs, phases)) / 3
+    wave = _AUDIO_AMPLITUDE * (wave + cfg.noise * rng.standard_normal(len(t)))
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def _image(pattern: np.ndarray, cfg: SyntheticConfig, rng: np.random.Generator) -> Image.Image:
+    smooth = np.asarray(Image.fromarray(((pattern + 1) * 127.5).astype(np.uint8)).resize(
+        (cfg.image_size, cfg.image_size), Image.BILINEAR), dtype=np.float32) / 127.5 - 1
+    noisy = smooth + cfg.noise * rng.standard_normal(smooth.shape)
+    return Image.fromarray(np.clip(128 + 80 * noisy, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def _text(cls: int, cfg: SyntheticConfig, rng: np.random.Generator) -> str:
+    # With noise 0 every word is a class word; noise n makes a word filler with prob n / (1 + n).
+    p_class = 1.0 / (1.0 + cfg.noise)
+    words = [f"c{cls}w{rng.integers(_CLASS_WORDS)}" if rng.random() < p_class
+             else f"f{rng.integers(cfg.vocab_words)}" for _ in range(cfg.text_words)]
+    return " ".join(words) + "\n"
+
+
+def _splits(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([cfg.seed, _PATTERN_STREAM + 1])
+    labels = rng.permutation(np.arange(cfg.num_samples) % cfg.num_classes)
+    cuts = np.cumsum([round(f * cfg.num_samples) for f in cfg.splits[:2]])
+    split = np.full(cfg.num_samples, 2)
+    split[: cuts[0]] = 0
+    split[cuts[0]: cuts[1]] = 1
+    return labels, split
+
+
+def _write(cfg: SyntheticConfig, out: Path) -> None:
+    patterns = _class_patterns(cfg)
+    labels, split = _splits(cfg)
+    for m in cfg.modalities:
+        (out / m).mkdir()
+    rows = []
+    for i in range(cfg.num_samples):
+        sid, y = f"s{i:05d}", int(labels[i])
+        rows.append((sid, SPLITS[split[i]], y))
+        rng = np.random.default_rng([cfg.seed, i])
+        for m in cfg.modalities:  # fixed order keeps each sample's random stream reproducible
+            shown = y if rng.random() < cfg.strength[m] else int(rng.integers(cfg.num_classes))
+            if m == "audio":
+                soundfile.write(out / "audio" / f"{sid}.wav", _audio(patterns["audio"][shown], cfg, rng),
+                                cfg.sample_rate, subtype="PCM_16")
+            elif m == "image":
+                _image(patterns["image"][shown], cfg, rng).save(out / "image" / f"{sid}.png")
+            else:
+                (out / "text" / f"{sid}.txt").write_text(_text(shown, cfg, rng))
+    with open(out / "index.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["id", "split", "label"])
+        w.writerows(rows)
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable or half-written: not the same arguments
+        return None
+
+
+def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) -> Path:
+    """Write the dataset at `root` (atomically); a no-op if it is there with the same arguments."""
+    root = Path(root).expanduser().resolve()
+    meta = json.dumps(asdict(cfg), sort_keys=True, indent=1)
+    if (root / "synthetic.json").is_file():
+        # Compared as values, so 1 and 1.0 (a YAML int for a float field) are the same argument.
+        if _read_meta(root / "synthetic.json") == json.loads(meta):
+            return root
+        if not overwrite:
+            raise FileExistsError(
+                f"{root} holds a synthetic dataset written with other arguments "
+                f"(see {root / 'synthetic.json'}); choose another data.root or delete it")
+    elif root.exists() and any(root.iterdir()) and not overwrite:
+        raise FileExistsError(f"{root} exists and is not a synthetic dataset; choose another data.root")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _write(cfg, tmp)
+        (tmp / "synthetic.json").write_text(meta)
+        if root.exists():
+            shutil.rmtree(root)
+        os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# -- reading it back ---------------------------------------------------------------------------
 
 _SUFFIX = {"audio": ".wav", "image": ".png", "text": ".txt"}
 
 
 class SyntheticSource(Source):
     name = "synthetic"
+    Config = SyntheticConfig
 
     def modalities(self, cfg: DataConfig) -> list[str]:
         root = self.root(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from mmray.config import DataConfig
+    from mmray.data.sources import DataConfig
     from mmray.data.spec import DatasetSpec
 
 
@@ -29,6 +29,8 @@ class Item:
 
 class Source:
     name: ClassVar[str]
+    # The source's options, a dataclass read from `data.<name>`; None: it takes none.
+    Config: ClassVar[type | None] = None
 
     def items(self, cfg: DataConfig) -> list[Item]:
         """Every sample of every split, in a stable order; raise naming the file if the layout is wrong."""

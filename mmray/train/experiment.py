@@ -1,0 +1,102 @@
+"""The schema of one training run (`ExperimentConfig`) and of its optimisation (`TrainConfig`).
+
+The experiment config gathers every layer's schema (data, model, method, train, tracking); its
+checks that need the method registry or the encoders run here, where both are visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mmray.config import bounds, load_config
+from mmray.data.sources import DataConfig
+from mmray.encoders import ModelConfig
+from mmray.encoders.pretrained import clip_input_sizes
+from mmray.methods import METHODS, MethodConfig, check_method_config
+from mmray.tracking import TrackingConfig
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=3, metadata=bounds(1, 100_000))
+    batch_size: int = field(default=32, metadata=bounds(1, 1_000_000))
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = field(default=1e-3, metadata=bounds(0.0, 10.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=bounds(0.0, 10.0))
+    momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))
+    # Learning-rate schedule, stepped once per epoch. linear: warm-up over the first `warmup`
+    # of the epochs, then linear decay to 0 (each epoch at the schedule's value at its midpoint).
+    scheduler: Literal["none", "step", "cosine", "linear"] = "none"
+    step_size: int = field(default=70, metadata=bounds(1))
+    gamma: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True))
+    # Fraction of the epochs the linear schedule warms up over (0.1 in MAP/REP).
+    warmup: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    # Read each split into Ray's object store once per run (spilled to disk when larger than
+    # memory) rather than re-reading Parquet every epoch: on small machines re-reading starves
+    # the training loop (bench/overhead.py). false = stream from storage every epoch.
+    cache_data: bool = True
+    # Rows kept in each worker's local shuffle buffer (0 = file order).
+    shuffle_buffer: int = field(default=256, metadata=bounds(0))
+    # Ray Train workers for one run, and what each reserves.
+    num_workers: int = field(default=1, metadata=bounds(1, 4096))
+    cpus_per_worker: float = field(default=1.0, metadata=bounds(0.0, 1024.0, lo_open=True))
+    # auto: CUDA when the worker sees a GPU, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast; applied only on CUDA.
+    mixed_precision: bool = True
+    # Worker-group restarts (from the last checkpoint) before the run fails.
+    max_failures: int = field(default=2, metadata=bounds(0))
+    checkpoints_to_keep: int = field(default=2, metadata=bounds(1))
+    # How often Ray Train's controller collects a worker's report and checks its health, in
+    # seconds. A report waits until the one before it is collected: with Ray's default (2 s),
+    # epochs shorter than that wait for the poll, and so does the end of every run
+    # (bench/sweep.py: the demo sweep took 151.5 s at 2 s, 99.8 s at 0.25 s).
+    report_poll_s: float = field(default=0.25, metadata=bounds(0.0, 60.0, lo_open=True))
+
+
+@dataclass
+class ExperimentConfig:
+    """One training run: data, model, method, optimisation, tracking."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        check_method_config(self.method, "method", errors)
+        clip_method = getattr(METHODS.get(self.method.name), "clip_backbone", False)
+        clip_text = self.model.text_encoder == "open_clip" or clip_method
+        clip_image = self.model.encoder == "open_clip" or clip_method
+        who = f"method.name={self.method.name}" if clip_method else "model.text_encoder=open_clip"
+        if clip_text and (self.data.text.tokenizer != "open_clip"
+                          or self.data.text.open_clip_model != self.model.open_clip_model):
+            errors.append(f"{who} needs data.text.tokenizer=open_clip and "
+                          "data.text.open_clip_model equal to model.open_clip_model "
+                          f"({self.model.open_clip_model!r})")
+        if clip_text or clip_image:
+            self._validate_clip_sizes(clip_image, clip_text, errors)
+
+    def _validate_clip_sizes(self, image: bool, text: bool, errors: list[str]) -> None:
+        """CLIP takes images of its own size and exactly its context length of tokens."""
+        sizes = clip_input_sizes(self.model.open_clip_model)
+        if sizes is None:
+            errors.append(f"model.open_clip_model: unknown open_clip model "
+                          f"{self.model.open_clip_model!r}; e.g. ViT-B-16, or mmray-tiny for tests")
+            return
+        size, context = sizes
+        if image and self.data.image.size != size:
+            errors.append(f"data.image.size: {self.data.image.size}, but open_clip model "
+                          f"{self.model.open_clip_model!r} takes {size} px images")
+        if text and self.data.text.max_tokens != context:
+            errors.append(f"data.text.max_tokens: {self.data.text.max_tokens}, but open_clip model "
+                          f"{self.model.open_clip_model!r} has a context of {context} tokens")
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """An experiment config from YAML (defaults when path is None) plus `key=value` overrides."""
+    return load_config(path, overrides, cls=ExperimentConfig)
