@@ -53,8 +53,7 @@ from mmray.config import bounds
 from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig, build_encoder
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 from mmray.modules.fusion import LateFusion
 
 LATE_FUSION = "late_fusion"

@@ -49,8 +49,7 @@ from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
 from mmray.encoders.small import SmallCNN
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 from mmray.methods.dynmm import (
     GateInput,
     example_batch,

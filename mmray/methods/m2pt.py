@@ -61,8 +61,7 @@ from mmray.config import path_field
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
 from mmray.encoders.pretrained import load_local_weights
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 from mmray.modules.reparam import DEFAULT_LAYERS, cross_modal_layers, merge, reparameterize
 
 LayerName = Literal["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]

@@ -39,7 +39,7 @@ from torch import nn
 from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig
+from mmray.methods.base import MethodConfig
 from mmray.methods.prompting import ROLES, ClipPrompting
 from mmray.modules.prompts import COMPLETE, MISSING_CASES, MISSING_IMAGE, MISSING_TEXT, Insertion
 

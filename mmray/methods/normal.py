@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, Method, Output
+from mmray.methods.base import Batch, Method, MethodConfig, Output
 from mmray.modules.fusion import LateFusion
 
 

@@ -42,8 +42,7 @@ from torch import nn
 from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, StepContext
+from mmray.methods.base import Batch, MethodConfig, StepContext
 from mmray.methods.normal import Normal
 
 

@@ -21,8 +21,7 @@ from torch import nn
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
 from mmray.encoders.pretrained import build_clip, keep_frozen_out_of_state_dict
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, Method, Output
+from mmray.methods.base import Batch, Method, MethodConfig, Output
 from mmray.modules.fusion import LateFusion
 from mmray.modules.prompts import ClipTower, Insertion, TextTower, VisionTower, missing_case
 

@@ -45,8 +45,7 @@ from torch import nn
 from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 
 
 @dataclass

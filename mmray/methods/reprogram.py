@@ -61,8 +61,7 @@ from mmray.cost import count_params, flops_per_sample
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
 from mmray.encoders.pretrained import build_clip, keep_frozen_out_of_state_dict
-from mmray.methods import MethodConfig
-from mmray.methods.base import Batch, Method, Output, StepContext
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 from mmray.modules.reprogram import (
     ModalityStem,
     ReprogrammingAttention,
