@@ -54,7 +54,7 @@ def test_strengths_of_modalities_not_written_are_dropped(tmp_path):
 
 
 def test_a_grid_value_switching_the_method_starts_from_its_default_options():
-    from mmray.tune.sweep import trial_experiment
+    from mmray.tune.grid import trial_experiment
 
     base = to_dict(load_experiment(None, ["method.name=ogm_ge", "method.options={alpha: 0.3}"]))
     exp = trial_experiment(base, {"method": {"name": "normal"}}, {})
@@ -125,12 +125,30 @@ def test_every_yaml_loads(path):
         if not line.startswith("#"):
             break
         header.append(line)
-    assert any("Run: " in line for line in header), f"{path}: the header comment must give the command"
+    own = f"--config {path.relative_to(CONFIGS.parent)}"
+    assert any("Run: " in line and own in line for line in header), \
+        f"{path}: the header comment must give the command that runs this file ({own})"
     load_config(path, cls=cls)
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "methods").glob("*.yaml")), ids=lambda p: p.name)
+def test_method_yamls_do_not_restate_defaults(path):
+    """A method's defaults live in its Config only: a YAML names just what it changes."""
+    import dataclasses
+
+    import yaml
+
+    from mmray.methods import METHODS
+
+    method = yaml.safe_load(path.read_text())["method"]
+    defaults = dataclasses.asdict(METHODS[method["name"]].Config())
+    restated = {k: v for k, v in (method.get("options") or {}).items() if defaults.get(k) == v}
+    assert not restated, f"{path.name} restates defaults of its method's Config: {restated}"
+    assert method.get("fusion", "") != "concat", f"{path.name} restates method.fusion=concat"
+
+
 def test_grid_mapping_values_merge_into_the_base():
-    from mmray.tune.sweep import trial_experiment
+    from mmray.tune.grid import trial_experiment
 
     abl = load_ablation(CONFIGS / "ablations/demo.yaml", ["method.fusion=sum"])
     cfg = trial_experiment(to_dict(abl.experiment), {"method": {"name": "mla", "options": {"fusion_rule": "fixed"}}}, {})
@@ -142,7 +160,7 @@ def test_grid_mapping_values_merge_into_the_base():
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "ablations").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_ablation_shrinks_to_a_smoke_run(path):
-    from mmray.cli import SMOKE_OVERRIDES
+    from mmray.pipeline_support import SMOKE_OVERRIDES
 
     abl = load_ablation(path, SMOKE_OVERRIDES)  # what `ablate.py --smoke` loads
     assert abl.experiment.train.epochs == 1 and abl.experiment.data.synthetic.num_samples == 48
@@ -160,7 +178,7 @@ def test_paths_are_made_absolute_where_the_config_is_loaded(tmp_path, monkeypatc
 
 def test_a_path_in_a_grid_value_resolves_against_the_ablation_folder(tmp_path, monkeypatch):
     """A trial runs in a Ray session folder; its grid values' paths mean the driver's folder."""
-    from mmray.tune.sweep import trial_experiment
+    from mmray.tune.grid import trial_experiment
 
     base = to_dict(load_experiment(None))
     monkeypatch.chdir(tmp_path)  # where the trial process happens to run
