@@ -118,6 +118,16 @@ def register_tiny_clip() -> None:
     _MODEL_CONFIGS.setdefault("mmray-tiny", TINY_CLIP)
 
 
+def timm_model_known(name: str) -> bool:
+    """Whether timm can build `name` here (its own models and mmray's tiny test ones)."""
+    import timm
+
+    from mmray.encoders.tiny_vit import register_tiny_vit
+
+    register_tiny_vit()
+    return timm.is_model(name)
+
+
 def clip_input_sizes(model_name: str) -> tuple[int, int] | None:
     """(image size, context length) of an open_clip model config; None for an unknown name."""
     import open_clip

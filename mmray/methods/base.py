@@ -94,6 +94,13 @@ class Method(nn.Module):
         self.encoders = self.build_encoders(spec, model_cfg)
 
     @classmethod
+    def preflight(cls, options: dict[str, Any]) -> list[str]:
+        """Problems with what the options name on this machine beyond their local files (which
+        are checked for every method), e.g. a model name: found on the driver before any
+        work starts (`mmray.train.experiment.preflight`). One line each; [] when none."""
+        return []
+
+    @classmethod
     def unsupported(cls, spec: DatasetSpec) -> str:
         """Why the method is not defined for `spec`'s modalities; "" when it is. Building the
         method for such a dataset raises a ValueError with this reason."""

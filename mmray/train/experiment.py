@@ -6,6 +6,7 @@ checks that need the method registry or the encoders run here, where both are vi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,7 @@ from typing import Literal
 from mmray.config import bounds, load_config
 from mmray.data.sources import DataConfig
 from mmray.encoders import ModelConfig
-from mmray.encoders.pretrained import clip_input_sizes
+from mmray.encoders.pretrained import clip_input_sizes, timm_model_known
 from mmray.methods import METHODS, MethodConfig, check_method_config
 from mmray.tracking import TrackingConfig
 
@@ -95,6 +96,46 @@ class ExperimentConfig:
         if text and self.data.text.max_tokens != context:
             errors.append(f"data.text.max_tokens: {self.data.text.max_tokens}, but open_clip model "
                           f"{self.model.open_clip_model!r} has a context of {context} tokens")
+
+
+def _missing_file(path: str, where: str, errors: list[str]) -> None:
+    if path and "://" not in path and not Path(path).is_file():
+        errors.append(f"{where}: file {path} not found (weights and other inputs load only "
+                      "from local files)")
+
+
+def preflight(cfg: ExperimentConfig) -> list[str]:
+    """What `cfg` names that this machine must have, checked before any work starts (no Ray, no
+    data read): the raw data folder, every local weights file (model.weights, model.clip_weights,
+    each path option of the method), and the timm / open_clip model and tokenizer names.
+    Returns the problems, one line each; [] when there are none."""
+    errors: list[str] = []
+    root = cfg.data.root
+    # The synthetic source writes its raw folder itself when it is absent.
+    if cfg.data.dataset != "synthetic" and "://" not in root and not Path(root).is_dir():
+        errors.append(f"data.root: folder {root} not found; it must hold dataset "
+                      f"{cfg.data.dataset!r} in its official layout")
+    for modality, path in cfg.model.weights.items():
+        _missing_file(path, f"model.weights.{modality}", errors)
+    _missing_file(cfg.model.clip_weights, "model.clip_weights", errors)
+    method = METHODS.get(cfg.method.name)
+    if method is not None:
+        for f in dataclasses.fields(method.Config):
+            value = cfg.method.options.get(f.name)
+            if f.metadata.get("path") and isinstance(value, str):
+                _missing_file(value, f"method.options.{f.name}", errors)
+        errors.extend(method.preflight(cfg.method.options))
+    if cfg.model.encoder == "timm" and not timm_model_known(cfg.model.timm_name):
+        errors.append(f"model.timm_name: unknown timm model {cfg.model.timm_name!r}; e.g. resnet18")
+    clip_names = {"model.open_clip_model": cfg.model.open_clip_model} if (
+        "open_clip" in (cfg.model.encoder, cfg.model.text_encoder)) else {}
+    if cfg.data.text.tokenizer == "open_clip":
+        clip_names["data.text.open_clip_model"] = cfg.data.text.open_clip_model
+    for where, name in clip_names.items():
+        if clip_input_sizes(name) is None:
+            errors.append(f"{where}: unknown open_clip model {name!r}; e.g. ViT-B-16, or "
+                          "mmray-tiny for tests")
+    return errors
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -70,14 +72,55 @@ def _average_grads(module: nn.Module) -> None:
         offset += g.numel()
 
 
-def _worker_nodes() -> list[str]:
-    """The Ray node id of every worker, by rank (an all-gather when there are several)."""
-    node = ray.get_runtime_context().get_node_id()
+def _all_gather(obj: Any) -> list[Any]:
+    """`obj` of every worker, by rank (a collective when there are several)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [node]
-    nodes: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return nodes
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class SetupError(RuntimeError):
+    """A run's workers could not set up (build the method, load weights or the checkpoint): a
+    config or input error that would fail the same way again, so the run is not retried."""
+
+
+def _setup_error_dir(run_config: dict) -> tuple[pafs.FileSystem, str]:
+    """Where workers leave setup errors for the driver: beside the run's checkpoints (local or
+    remote storage alike), one file per attempt."""
+    return pafs.FileSystem.from_uri(run_config["setup_errors"])
+
+
+def _leave_setup_error(config: dict, failures: list[str]) -> None:
+    fs, folder = _setup_error_dir(config)
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(f"{folder}/{uuid.uuid4().hex}.txt") as f:
+        f.write("\n".join(failures).encode())
+
+
+def setup_errors(config: dict) -> list[str]:
+    """The setup errors workers left for the run of `config` (one text per attempt)."""
+    fs, folder = _setup_error_dir(config)
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    out = []
+    for info in sorted(infos, key=lambda i: i.path):
+        with fs.open_input_stream(info.path) as f:
+            out.append(f.read().decode())
+    return out
+
+
+def fit_trainer(trainer: TorchTrainer):
+    """`trainer.fit()`, raising `SetupError` at once, without Ray's retries, when the workers
+    could not set up; returns the Train result."""
+    config = trainer.train_loop_config
+    fs, folder = _setup_error_dir(config)
+    fs.delete_dir_contents(folder, missing_dir_ok=True)  # left by an earlier, since fixed, start
+    result = trainer.fit()
+    if errors := setup_errors(config):
+        raise SetupError(f"run {trainer.run_config.name}: the workers could not set up, "
+                         f"and retrying would not help:\n{errors[0]}")
+    return result
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -94,13 +137,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         device = resolve_device(cfg.train) if cfg.train.device != "auto" else torch.device("cpu")
 
-    state = build_state(cfg, spec, device)
-    checkpoint = ray.train.get_checkpoint()  # RAY: the latest checkpoint after a restart
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            load_checkpoint(state, folder)
-
-    nodes = _worker_nodes()  # a collective: every rank takes part
+    try:
+        state = build_state(cfg, spec, device)
+        checkpoint = ray.train.get_checkpoint()  # RAY: the latest checkpoint after a restart
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                load_checkpoint(state, folder)
+        failure = ""
+    except Exception as e:  # a config or input error: it would fail the same way again
+        failure = f"rank {rank}: {type(e).__name__}: {e}"
+    # Collectives: every rank takes part, so all return together when any failed (Ray would
+    # otherwise restart the group up to max_failures times for the same error).
+    if failures := [f for f in _all_gather(failure) if f]:
+        if rank == 0:
+            _leave_setup_error(config, failures)
+        return
+    nodes = _all_gather(ray.get_runtime_context().get_node_id())
     tracker = None
     if rank == 0 and config.get("tracking"):
         from mmray.tracking.mlflow_log import EpochLogger
@@ -161,7 +213,8 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "version_dir": str(version_dir),
-                           "tracking": tracking},
+                           "tracking": tracking,
+                           "setup_errors": f"{storage_path.rstrip('/')}/{name}/setup_errors"},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,

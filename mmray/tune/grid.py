@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from mmray.config import ConfigError, bounds, from_dict, has_path, load_config, merge_path, to_dict
 from mmray.report import ReportConfig
-from mmray.train.experiment import ExperimentConfig
+from mmray.train.experiment import ExperimentConfig, preflight
 
 
 def apply_grid_value(exp: dict, key: str, value: Any) -> dict:
@@ -154,6 +154,30 @@ class AblationConfig:
             elif not has_path(base, key):
                 errors.append(f"search.space.{key}: not a key of the experiment config")
         _check_baseline(self.report.baseline, self.grid, errors)
+
+
+def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any],
+                     workdir: str | Path | None = None) -> ExperimentConfig:
+    """The experiment of one trial; relative paths of its grid values are resolved against
+    `workdir`, the folder the ablation was started from (a trial runs in a Ray session folder)."""
+    exp = copy.deepcopy(base)
+    for key, value in {**cell, **params}.items():
+        apply_grid_value(exp, key, value)
+    return from_dict(ExperimentConfig, exp, base_dir=workdir)
+
+
+def preflight_ablation(abl: AblationConfig, workdir: str | Path | None = None) -> None:
+    """`preflight` of every grid cell's experiment (search-space values name no files): one
+    ConfigError listing each problem once, with the cells it concerns, before any work starts."""
+    base = to_dict(abl.experiment)
+    where: dict[str, list[str]] = {}
+    for cell in expand_grid(abl.grid):
+        for problem in preflight(trial_experiment(base, cell, {}, workdir)):
+            where.setdefault(problem, []).append(cell_name(cell))
+    if where:
+        n = len(expand_grid(abl.grid))
+        raise ConfigError([p if len(cells) == n else f"{p} (grid cells {', '.join(cells)})"
+                           for p, cells in where.items()])
 
 
 def load_ablation(path: str | Path | None, overrides: list[str] = ()) -> AblationConfig:

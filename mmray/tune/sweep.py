@@ -8,39 +8,26 @@ supported by Ray Train V2, hence this pattern.
 
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mmray.config import config_hash, flatten, from_dict, to_dict
+from mmray.config import config_hash, flatten, to_dict
 from mmray.ray_utils import TRIAL_SLOT
 from mmray.tracking import mlflow_log as ml
-from mmray.train.experiment import ExperimentConfig
-from mmray.tune.grid import AblationConfig, apply_grid_value, expand_grid, value_label
+from mmray.tune.grid import AblationConfig, expand_grid, trial_experiment, value_label
 from mmray.tune.search import CellSearcher
-
-
-def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any],
-                     workdir: str | None = None) -> ExperimentConfig:
-    """The experiment of one trial; relative paths of its grid values are resolved against
-    `workdir`, the folder the ablation was started from (a trial runs in a Ray session folder)."""
-    exp = copy.deepcopy(base)
-    for key, value in {**cell, **params}.items():
-        apply_grid_value(exp, key, value)
-    return from_dict(ExperimentConfig, exp, base_dir=workdir)
 
 
 def run_trial(config: dict, context: dict) -> None:
     """The Tune function trainable: one grid cell sample, trained as one Ray Train run."""
-    from mmray.train.ray_train import build_trainer  # imported in the trial process only
+    from mmray.train.ray_train import build_trainer, fit_trainer  # in the trial process only
 
     trial = config["trial"]
     cfg = trial_experiment(context["base"], config["cell"], config["params"], context["workdir"])
@@ -59,7 +46,7 @@ def run_trial(config: dict, context: dict) -> None:
                             tracking={"uri": context["tracking_uri"], "run_id": run_id},
                             callbacks=[TuneReportCallback()])
     try:
-        trainer.fit()
+        fit_trainer(trainer)
     except BaseException:
         ml.finish(client, run_id, ok=False)
         raise
