@@ -4,7 +4,7 @@
 
 Three models of one timm ViT architecture: the plain target, the pathway model (every block's
 attn.qkv, attn.proj, mlp.fc1, mlp.fc2 re-parameterized with an auxiliary ViT, λ ≠ 0) and the
-merged model (`mmray.modules.reparam.merge` of the pathway). Latency is the median forward time
+merged model (`mmray.methods.m2pt.merge` of the pathway). Latency is the median forward time
 (eval, no grad, CUDA synchronised), timed one forward at a time in rotating order so that the
 machine's load hits every model alike; the ratio merged / plain (median over rounds of the
 within-round ratio) should be 1.00 ± 0.03: the merged model is the target architecture. FLOPs are counted by torch's FLOP counter (matrix products); the pathway also
@@ -35,7 +35,7 @@ SIZES = {
 def build(size: str, device: torch.device):
     import timm
 
-    from mmray.modules.reparam import cross_modal_layers, merge, reparameterize
+    from mmray.methods.m2pt import cross_modal_layers, merge, reparameterize
 
     name, kwargs = SIZES[size]
     torch.manual_seed(0)

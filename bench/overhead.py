@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
-    from mmray.cli import prepare_data
+    from mmray.pipeline_support import prepare_data
     from mmray.ray_utils import init_ray
     from mmray.train.experiment import load_experiment
 

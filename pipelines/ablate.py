@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mmray.cli import ConfigError, config_parser, fail, prepare_data, smoke_overrides
+from mmray.pipeline_support import ConfigError, config_parser, fail, prepare_data, smoke_overrides
 from mmray.tune.grid import AblationConfig, load_ablation
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmray.cli import ConfigError, config_parser, fail, prepare_data, smoke_overrides
+from mmray.pipeline_support import ConfigError, config_parser, fail, prepare_data, smoke_overrides
 from mmray.train.experiment import ExperimentConfig, load_experiment
 
 

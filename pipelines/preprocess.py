@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import tempfile
 
-from mmray.cli import ConfigError, config_parser, fail, smoke_overrides
+from mmray.pipeline_support import ConfigError, config_parser, fail, smoke_overrides
 from mmray.train.experiment import load_experiment
 
 

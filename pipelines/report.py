@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mmray.cli import ConfigError, config_parser, fail
+from mmray.pipeline_support import ConfigError, config_parser, fail
 from mmray.tune.grid import AblationConfig, load_ablation
 
 
@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         return ablate.main(["--smoke", *args.overrides])
     from mlflow.tracking import MlflowClient
 
-    from mmray.report.writer import latest_parent, report_options, write_report
+    from mmray.report.writer import report_options, write_report
     from mmray.tracking.mlflow_log import resolve_tracking_uri
+    from mmray.tracking.mlflow_read import latest_parent
 
     try:
         abl: AblationConfig = load_ablation(args.config, args.overrides)

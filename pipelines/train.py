@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mmray.cli import ConfigError, config_parser, fail, prepare_data, smoke_overrides
 from mmray.config import config_hash, flatten, to_dict
+from mmray.pipeline_support import ConfigError, config_parser, fail, prepare_data, smoke_overrides
 from mmray.train.experiment import ExperimentConfig, load_experiment
 
 

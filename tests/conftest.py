@@ -34,7 +34,7 @@ def _no_ambient_tracking(monkeypatch):
 
 
 def _tiny(tmp_path_factory, name: str, *extra: str):
-    from mmray.cli import SMOKE_OVERRIDES, prepare_data
+    from mmray.pipeline_support import SMOKE_OVERRIDES, prepare_data
     from mmray.train.experiment import load_experiment
 
     root = tmp_path_factory.mktemp(name)

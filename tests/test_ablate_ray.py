@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmray.cli import SMOKE_OVERRIDES
+from mmray.pipeline_support import SMOKE_OVERRIDES
 from mmray.tracking.mlflow_log import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 
 ROOT = Path(__file__).resolve().parents[1]

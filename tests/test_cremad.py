@@ -235,8 +235,8 @@ def test_preprocess_shapes_match_spec_and_bad_clips_are_skipped(ray_local, tmp_p
 def test_the_balance_grid_runs_on_cremad_with_one_override_of_the_data_root(ray_local, tmp_path):
     """configs/ablations/balance_cremad.yaml as the sweep builds each trial: every cell (ResNet18
     encoders as configured) trains on CREMA-D files, sized down to seconds."""
-    from mmray.cli import prepare_data
     from mmray.config import to_dict
+    from mmray.pipeline_support import prepare_data
     from mmray.train.loop import run_local
     from mmray.tune.grid import expand_grid
     from mmray.tune.sweep import trial_experiment

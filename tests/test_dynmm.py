@@ -12,8 +12,9 @@ from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, StepContext, build_method
-from mmray.methods.dynmm import expected_flops, flops_saving, gate_weights, resource_loss
+from mmray.methods.dynmm import flops_saving, resource_loss
 from mmray.methods.dynmm_fusion import STAGES, stage_fusion_weights, temperature_at
+from mmray.modules.gating import expected_flops, gate_weights
 from mmray.train.experiment import load_experiment
 
 MODEL = ModelConfig(width=4, feature_dim=8)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmray.cli import SMOKE_OVERRIDES
+from mmray.pipeline_support import SMOKE_OVERRIDES
 
 from ray_procs import group_and_descendants, stop_group
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmray.cli import SMOKE_OVERRIDES
+from mmray.pipeline_support import SMOKE_OVERRIDES
 from mmray.tracking.mlflow_log import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 
 from ray_procs import mlflow_server, submit_job

@@ -15,7 +15,7 @@ from mmray.cost import count_params, flops_per_sample
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, StepContext, build_method
-from mmray.modules.reparam import CrossModalLinear, cross_modal_layers, merge, reparameterize
+from mmray.methods.m2pt import CrossModalLinear, cross_modal_layers, merge, reparameterize
 from mmray.train.experiment import load_experiment
 
 # A tiny timm ViT by VisionTransformer kwargs (any timm ViT name takes them).

@@ -10,12 +10,12 @@ import h5py
 import numpy as np
 import pytest
 
-from mmray.cli import SMOKE_OVERRIDES
 from mmray.data.preprocess import preprocess
 from mmray.data.reader import load_manifest, read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.mmimdb import FILE_NAME, GENRES, split_ranges
 from mmray.methods import MethodConfig
+from mmray.pipeline_support import SMOKE_OVERRIDES
 from mmray.train.experiment import load_experiment
 
 N = 40

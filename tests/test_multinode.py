@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmray.cli import SMOKE_OVERRIDES
+from mmray.pipeline_support import SMOKE_OVERRIDES
 from mmray.tracking.mlflow_log import TRIAL_TAG
 
 from ray_procs import free_port

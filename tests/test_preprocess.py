@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmray.cli import SMOKE_OVERRIDES
 from mmray.data.preprocess import Featurizer, preprocess
 from mmray.data.reader import collate, load_manifest, ray_dataset, read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.synthetic import generate
+from mmray.pipeline_support import SMOKE_OVERRIDES
 from mmray.train.experiment import load_experiment
 
 pytestmark = pytest.mark.ray

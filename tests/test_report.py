@@ -18,9 +18,10 @@ from mlflow.tracking import MlflowClient
 from scipy import stats as sst
 
 from mmray.config import ConfigError, from_dict
-from mmray.report.summary import child_runs, summarize
-from mmray.report.writer import latest_parent, report_options, write_report
+from mmray.report.summary import summarize
+from mmray.report.writer import report_options, write_report
 from mmray.tracking import mlflow_log as ml
+from mmray.tracking.mlflow_read import child_runs, latest_parent
 from mmray.tune.grid import AblationConfig
 
 GRID = {"method.name": ["normal", "ogm_ge"], "data.missing.test_rate": [0.0, 0.5], "seed": [0, 1, 2]}

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, StepContext, build_method
-from mmray.methods.reprogram import info_nce, zero_shot_logits
-from mmray.modules.reprogram import (
+from mmray.methods.reprogram import (
     ModalityStem,
     ReprogrammingAttention,
     class_text_embeddings,
     encode_tokens,
+    info_nce,
+    zero_shot_logits,
 )
 from mmray.train.experiment import load_experiment
 from mmray.train.metrics import MetricAccumulator

@@ -5,9 +5,10 @@ https://github.com/zihuixue/DynMM (`ModalityDynMM/multimedia/imdb_dyn.py`: `Diff
 `DynMMNet`; training in `training_structures/Supervised_Learning.py`).
 
 Experts e = 1..E are inference paths of different cost C_e (text-only and late fusion on
-MM-IMDB). A gate MLP on cheap inputs gives logits g; w = softmax(g / τ), and with hard gating the
-straight-through w = onehot(argmax w) − stopgrad(w) + w (optionally with Gumbel noise on g). The
-prediction is z = Σ_e w_e z^e and the loss
+MM-IMDB). A gate MLP on cheap inputs (`mmray.modules.gating`, shared with the fusion level)
+gives logits g; w = softmax(g / τ), and with hard gating the straight-through
+w = onehot(argmax w) − stopgrad(w) + w (optionally with Gumbel noise on g). The prediction is
+z = Σ_e w_e z^e and the loss
 
     L = task(z, y) + λ · mean_batch(Σ_e w_e C_e / C_max),
 
@@ -42,7 +43,6 @@ Where mmray differs from the reference implementation:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +55,14 @@ from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig, build_encoder
 from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 from mmray.modules.fusion import LateFusion
+from mmray.modules.gating import (
+    GateInput,
+    example_batch,
+    expected_flops,
+    gate_mlp,
+    gate_weights,
+    subset,
+)
 
 LATE_FUSION = "late_fusion"
 
@@ -94,27 +102,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def gate_weights(logits: torch.Tensor, temperature: float = 1.0, hard: bool = False,
-                 gumbel: bool = False) -> torch.Tensor:
-    """w = softmax((g [+ Gumbel noise]) / τ); hard: onehot(argmax w) − stopgrad(w) + w."""
-    logits = logits.float()
-    if gumbel:
-        logits = logits - torch.empty_like(logits).exponential_().log()  # + Gumbel(0, 1)
-    soft = torch.softmax(logits / temperature, dim=-1)
-    if not hard:
-        return soft
-    one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
-    return one_hot - soft.detach() + soft
-
-
 def resource_loss(weights: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
     """mean_batch(Σ_e w_e C_e / C_max)."""
     return (weights * (costs / costs.max())).sum(-1).mean()
-
-
-def expected_flops(weights: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-    """E[FLOPs] per sample = Σ_e mean_batch(w_e) · C_e."""
-    return (weights.mean(0) * costs).sum()
 
 
 def flops_saving(expected: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
@@ -125,44 +115,6 @@ def flops_saving(expected: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
-
-
-class GateInput(nn.Module):
-    """The gate's cheap view of the raw inputs, concatenated over modalities.
-
-    Feature vectors as they are (MM-IMDB: [word2vec; VGG], 4396 values, as in the reference);
-    spectrograms and images average-pooled to 4 × 4 per channel; token ids as the mean of a small
-    embedding (padding excluded). Missing modalities are zeroed.
-    """
-
-    def __init__(self, spec: DatasetSpec, pooled: int = 4, token_dim: int = 16):
-        super().__init__()
-        self.spec = spec
-        self.pooled = pooled
-        self.embeds = nn.ModuleDict({
-            m: nn.EmbeddingBag(s.vocab_size, token_dim, mode="mean", padding_idx=0)
-            for m, s in spec.modalities.items() if s.kind == "text"})
-        dims = {m: token_dim if s.kind == "text" else
-                s.shape[0] * pooled * pooled if len(s.shape) == 3 else
-                math.prod(s.shape) for m, s in spec.modalities.items()}
-        self.out_dim = sum(dims.values())
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        parts = []
-        for m, s in self.spec.modalities.items():
-            x = batch["inputs"][m]
-            if s.kind == "text":
-                h = self.embeds[m](x)
-            elif x.dim() == 4:
-                h = F.adaptive_avg_pool2d(x.float(), self.pooled).flatten(1)
-            else:
-                h = x.float().flatten(1)
-            parts.append(h * batch["present"][m].to(h.dtype).unsqueeze(1))
-        return torch.cat(parts, dim=1)
-
-
-def gate_mlp(in_dim: int, hidden: int, choices: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, choices))
 
 
 class Expert(nn.Module):
@@ -184,19 +136,6 @@ class Expert(nn.Module):
             h = enc(batch["inputs"][m])
             feats[m] = h * batch["present"][m].to(h.dtype).unsqueeze(1)
         return self.head(feats)
-
-
-def example_batch(spec: DatasetSpec, size: int = 2) -> Batch:
-    """A batch of zeros shaped like the dataset's, to measure costs on."""
-    inputs = {m: torch.zeros(size, *s.shape, dtype=torch.long if s.kind == "text" else torch.float32)
-              for m, s in spec.modalities.items()}
-    return {"inputs": inputs, "present": {m: torch.ones(size, dtype=torch.bool) for m in inputs}}
-
-
-def subset(batch: Batch, idx: torch.Tensor) -> Batch:
-    """The rows `idx` of a batch's inputs and presence masks."""
-    return {"inputs": {m: x.index_select(0, idx) for m, x in batch["inputs"].items()},
-            "present": {m: p.index_select(0, idx) for m, p in batch["present"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------

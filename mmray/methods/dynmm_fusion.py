@@ -20,7 +20,8 @@ each sample runs only the secondary stages its choice needs.
 Where mmray differs from the reference implementation:
 - Classification with `SmallCNN` stages (3 stages, 4 choices); the reference segments with an
   ESANet whose ResNet has 4 stages plus an always-fused stem (5 choices).
-- The gate reads the pooled raw inputs (`GateInput`), not the stem features through two convs.
+- The gate reads the pooled raw inputs (`mmray.modules.gating.GateInput`), not the stem features
+  through two convs.
 - The resource term is normalised: E[FLOPs] / C_S against a budget given as a fraction of C_S.
   The reference averages mean(w_k) · D_k over the 5 choices, D_k the depth encoder's GFLOPs for
   choice k (typed in), against a budget in GFLOPs: λ and the budget are on other scales.
@@ -50,7 +51,7 @@ from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
 from mmray.encoders.small import SmallCNN
 from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
-from mmray.methods.dynmm import (
+from mmray.modules.gating import (
     GateInput,
     example_batch,
     expected_flops,

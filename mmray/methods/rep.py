@@ -58,7 +58,7 @@ from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
 from mmray.methods.base import Batch, MethodConfig, StepContext
-from mmray.methods.prompting import ROLES, ClipPrompting
+from mmray.methods.clip_prompting import ROLES, ClipPrompting
 from mmray.modules.prompts import MISSING_CASES, MISSING_IMAGE, MISSING_TEXT, Insertion
 
 

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import math
 
-from mlflow.tracking import MlflowClient
-
 from mmray.report.compare import SEED_KEY, CellResult
-from mmray.tracking.mlflow_log import PARENT_TAG, TRIAL_TAG
-
-
-def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
-                              max_results=50_000)
+from mmray.tracking.mlflow_log import TRIAL_TAG
+from mmray.tracking.mlflow_read import Client, metric_history
 
 
 def _cell_and_seed(run) -> tuple[tuple, str]:
@@ -48,13 +42,13 @@ def summarize(runs: list, select_metric: str = "val/acc", mode: str = "max") -> 
     return list(cells.values())
 
 
-def histories(client: MlflowClient, result: CellResult,
+def histories(client: Client, result: CellResult,
               metrics: list[str]) -> dict[str, dict[str, dict[int, float]]]:
     """metric -> seed -> {step (epoch): value} of the cell's selected runs."""
     out: dict[str, dict[str, dict[int, float]]] = {}
     for metric in metrics:
         for seed, run_id in result.run_ids.items():
-            points = client.get_metric_history(run_id, metric)
+            points = metric_history(client, run_id, metric)
             if points:
-                out.setdefault(metric, {})[seed] = {int(m.step): float(m.value) for m in points}
+                out.setdefault(metric, {})[seed] = points
     return out

@@ -14,13 +14,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from mmray.report import compare, plots, stats
 from mmray.report.compare import SEED_KEY, CellResult, Comparison, ReportOptions
 from mmray.report.render import Block, Heading, Image, Table, Text, to_html, to_markdown
-from mmray.report.summary import child_runs, histories, summarize
-from mmray.tracking.mlflow_log import PARENT_TAG, SWEEP_TAG
+from mmray.report.summary import histories, summarize
+from mmray.tracking.mlflow_read import Client, attach_files, child_runs, run_name
 from mmray.tune.grid import AblationConfig, value_label
 
 FILES = ("report.md", "report.html", "report.json")
@@ -45,20 +43,6 @@ def report_options(abl: AblationConfig) -> ReportOptions:
                          axes=tuple(abl.grid), baseline=resolve_baseline(abl),
                          values={k: [value_label(v) for v in vs] for k, vs in abl.grid.items()},
                          metrics=tuple(abl.report.metrics))
-
-
-def latest_parent(client: MlflowClient, experiment: str) -> tuple[str, str]:
-    """(experiment id, run id) of the most recent sweep in an MLflow experiment."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise KeyError(f"no MLflow experiment {experiment!r}; known: {names}")
-    runs = [r for r in client.search_runs([exp.experiment_id],
-                                          order_by=["attributes.start_time DESC"])
-            if SWEEP_TAG in r.data.tags and PARENT_TAG not in r.data.tags]
-    if not runs:
-        raise KeyError(f"experiment {experiment!r} has no sweep (parent) run")
-    return exp.experiment_id, runs[0].info.run_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +270,7 @@ def report_json(results: list[CellResult], options: ReportOptions, axes: list[st
 # ---------------------------------------------------------------------------------------------
 
 
-def fetch_histories(client: MlflowClient, results: list[CellResult], options: ReportOptions,
+def fetch_histories(client: Client, results: list[CellResult], options: ReportOptions,
                     axes: list[str]) -> dict[str, dict]:
     """cell label -> metric -> seed -> {epoch: value} of the validation curves."""
     return {compare.cell_label(r.cell, axes):
@@ -301,25 +285,25 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(client: MlflowClient, experiment_id: str, parent_id: str, out_dir: str | Path,
+def write_report(client: Client, experiment_id: str, parent_id: str, out_dir: str | Path,
                  options: ReportOptions) -> str:
     """Write report.md/.html/.json and the figures into `out_dir`, attach them to the parent run,
     and return the Markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parent = client.get_run(parent_id)
+    title = run_name(client, parent_id)
     results = summarize(child_runs(client, experiment_id, parent_id), options.search_metric,
                         options.mode)
     hist = fetch_histories(client, results, options, compare.cell_axes(results, options))
-    report = build_report(results, options, parent.info.run_name, hist, out)
+    report = build_report(results, options, title, hist, out)
     source = f"MLflow: experiment {experiment_id}, parent run {parent_id}"
     report.blocks.append(Text(source))
-    report.data.update({"title": parent.info.run_name, "experiment_id": experiment_id,
+    report.data.update({"title": title, "experiment_id": experiment_id,
                         "parent_run_id": parent_id})
     text = to_markdown(report.blocks)
     write_atomic(out / "report.md", text)
-    write_atomic(out / "report.html", to_html(report.blocks, parent.info.run_name))
+    write_atomic(out / "report.html", to_html(report.blocks, title))
     write_atomic(out / "report.json", json.dumps(report.data, indent=1, allow_nan=False))
-    for name in [*FILES, *(i.file for i in report.images)]:
-        client.log_artifact(parent_id, str(out / name), ARTIFACT_DIR)
+    attach_files(client, parent_id, [out / name for name in [*FILES, *(i.file for i in report.images)]],
+                 ARTIFACT_DIR)
     return text

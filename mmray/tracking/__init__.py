@@ -1,4 +1,5 @@
-"""MLflow logging of sweeps and trials (`mlflow_log`), and where they go (`TrackingConfig`)."""
+"""MLflow logging of sweeps and trials (`mlflow_log`), reading a sweep back for the report
+(`mlflow_read`), and where they go (`TrackingConfig`)."""
 
 from __future__ import annotations
 
