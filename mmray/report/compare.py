@@ -38,6 +38,8 @@ class CellResult:
     cell: dict[str, str]
     run_ids: dict[str, str] = field(default_factory=dict)  # seed -> selected MLflow run id
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> seed -> value
+    # The cell's method and its modality option (`summary.CELL_PARAMS`), from its runs' params.
+    params: dict[str, str] = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[str]:

@@ -21,6 +21,10 @@ def _cell_and_seed(run) -> tuple[tuple, str]:
     return tuple(sorted(grid.items())), seed
 
 
+# Params of a run kept with its cell: what the imbalance section needs to know of its method.
+CELL_PARAMS = ("method.name", "method.options.modality")
+
+
 def summarize(runs: list, select_metric: str = "val/acc", mode: str = "max") -> list[CellResult]:
     """Finished child runs grouped by grid cell, keeping the val-best trial per (cell, seed)."""
     best: dict[tuple, tuple[float, object]] = {}
@@ -36,6 +40,7 @@ def summarize(runs: list, select_metric: str = "val/acc", mode: str = "max") -> 
     for (cell_key, seed), (_, run) in sorted(best.items(), key=lambda kv: kv[0][0]):
         res = cells.setdefault(cell_key, CellResult(dict(cell_key)))
         res.run_ids[seed] = run.info.run_id
+        res.params.update({k: run.data.params[k] for k in CELL_PARAMS if k in run.data.params})
         for name, value in run.data.metrics.items():
             if math.isfinite(value):  # a NaN or inf is no measurement
                 res.metrics.setdefault(name, {})[seed] = value

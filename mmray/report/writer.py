@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmray.report import compare, plots, stats
+from mmray.report import compare, imbalance, plots, stats
 from mmray.report.compare import SEED_KEY, CellResult, Comparison, ReportOptions
 from mmray.report.render import Block, Heading, Image, Table, Text, to_html, to_markdown
 from mmray.report.summary import histories, summarize
@@ -71,6 +71,13 @@ def summary_text(s: stats.Summary) -> str:
     if s.std is None:
         return f"{fmt(s.mean)} (n = 1)"
     return f"{fmt(s.mean)} ± {fmt(s.std)} {fmt_ci(s.ci)}"
+
+
+def mean_ci_text(s: stats.Summary) -> str:
+    """`mean [CI]`, or the mean and why the interval is undefined."""
+    if s.n == 0:
+        return "–"
+    return f"{fmt(s.mean)} (n = 1)" if s.ci is None else f"{fmt(s.mean)} {fmt_ci(s.ci)}"
 
 
 def slug(metric: str) -> str:
@@ -206,6 +213,41 @@ def comparison_blocks(results: list[CellResult], options: ReportOptions, axes: l
     return blocks
 
 
+def imbalance_blocks(imb: imbalance.Imbalance, axes: list[str]) -> list[Block]:
+    metric, uni = imb.metric, f"`{imbalance.UNIMODAL}`"
+    blocks: list[Block] = [Heading("Modality imbalance: each modality inside the model and alone")]
+    if not imb.unimodal_cells:
+        return blocks + [Text(
+            f"No {uni} run in this sweep, so no modality's in-model `{metric}_<m>` can be set "
+            f"beside its own model: add `{{name: unimodal, options: {{modality: <m>}}}}` per "
+            "modality (and `{name: unimodal_ensemble}`) to the grid's method axis.")]
+    blocks.append(Text(
+        f"In-model: `{metric}_<m>`, modality m's own logits inside the multimodal model; "
+        f"unimodal: the {uni} model of m from the cell of this sweep with the same grid values "
+        f"except the method. Paired by seed (seeds both have): mean [{CI_NAME}] of each, the "
+        f"gap unimodal − in-model with its interval and a two-sided paired t-test; a positive "
+        "gap: m learns less inside the fused model than alone."))
+    rows = [[compare.cell_label(r.cell.cell, axes), r.modality, str(len(r.seeds)),
+             mean_ci_text(r.in_model), mean_ci_text(r.unimodal), fmt(r.gap.mean_diff),
+             fmt_ci(r.gap.ci), fmt_p(r.gap.p), r.gap.note] for r in imb.rows]
+    if rows:
+        blocks.append(Table(["cell", "modality", "pairs", "in-model", "unimodal",
+                             "gap (unimodal − in-model)", CI_NAME, "p", "note"], rows, "imbalance"))
+    blocks += [Text(f"No row for `{s.modality}` in {compare.cell_label(s.cell.cell, axes)}: "
+                    f"{s.reason}.") for s in imb.skipped]
+    if imb.fused:
+        blocks.append(Text(
+            f"Fused `{metric}` of each multimodal cell beside its best {uni} model (the "
+            f"modality whose model has the best mean) and `{imbalance.ENSEMBLE}` (the mean of "
+            "the per-modality unimodal models), matched as above: mean "
+            f"[{CI_NAME}] over each cell's seeds."))
+        blocks.append(Table(["cell", "fused", "best unimodal", "ensemble"], [
+            [compare.cell_label(f.cell.cell, axes), mean_ci_text(f.fused),
+             f"{f.best[0]}: {mean_ci_text(f.best[1])}" if f.best else "–",
+             mean_ci_text(f.ensemble) if f.ensemble else "–"] for f in imb.fused], "fused"))
+    return blocks
+
+
 def build_report(results: list[CellResult], options: ReportOptions, title: str,
                  hist: dict[str, dict], out_dir: Path) -> Report:
     """The document, its numbers and its figures (drawn into `out_dir`); no MLflow."""
@@ -230,9 +272,12 @@ def build_report(results: list[CellResult], options: ReportOptions, title: str,
                             "same stored tables for every method: mean ± std [95% CI] over "
                             "seeds."), table]
     blocks += comparison_blocks(results, options, axes, comps)
+    imb = imbalance.imbalance(results, options.main_metrics[0], options.mode)
+    blocks += imbalance_blocks(imb, axes)
     blocks += [Heading("Plots"), *(images or [Text("No plots: the runs logged no histories, "
                                                    "missing-rate or cost metrics.")])]
-    data = report_json(results, options, axes, comps, curves, images)
+    data = {**report_json(results, options, axes, comps, curves, images),
+            **imbalance.to_json(imb, axes)}
     return Report(blocks, data, images)
 
 
