@@ -50,11 +50,25 @@ class TrainConfig:
     # Worker-group restarts (from the last checkpoint) before the run fails.
     max_failures: int = field(default=2, metadata=bounds(0))
     checkpoints_to_keep: int = field(default=2, metadata=bounds(1))
+    # Which epoch's model a run reports as its final test/* metrics. best_val: the epoch with
+    # the best `select_metric` on the val split (its weights are kept in the checkpoint and the
+    # test split is evaluated on them once, after the last epoch, so test never selects);
+    # last: the last epoch's. Runs without a val split report the last epoch.
+    select: Literal["best_val", "last"] = "best_val"
+    # The val metric and direction that select; empty: val/acc, or val/f1_macro for multi-label
+    # data. An ablation sets them from its search.metric and search.mode.
+    select_metric: str = ""
+    select_mode: Literal["max", "min"] = "max"
     # How often Ray Train's controller collects a worker's report and checks its health, in
     # seconds. A report waits until the one before it is collected: with Ray's default (2 s),
     # epochs shorter than that wait for the poll, and so does the end of every run
     # (bench/sweep.py: the demo sweep took 151.5 s at 2 s, 99.8 s at 0.25 s).
     report_poll_s: float = field(default=0.25, metadata=bounds(0.0, 60.0, lo_open=True))
+
+    def validate(self, path: str, errors: list[str]) -> None:
+        if self.select_metric and not self.select_metric.startswith("val/"):
+            errors.append(f"{path}.select_metric: {self.select_metric!r} must be a val/ metric "
+                          "(test never selects), e.g. val/acc")
 
 
 @dataclass

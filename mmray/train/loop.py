@@ -9,6 +9,7 @@ a checkpoint folder, which is what the tests use.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -46,6 +47,9 @@ class RunState:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    # Under train.select=best_val, the best epoch so far: {"epoch", "score", "method" (its
+    # weights, on the CPU)}. In the checkpoint, so a resumed run selects exactly the same.
+    best: dict | None = None
 
     def state_dict(self) -> dict:
         return {
@@ -54,6 +58,7 @@ class RunState:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "epoch": self.epoch,
             "history": self.history,
+            "best": self.best,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -63,6 +68,7 @@ class RunState:
             self.scheduler.load_state_dict(sd["scheduler"])
         self.epoch = int(sd["epoch"])
         self.history = list(sd["history"])
+        self.best = sd.get("best")
 
 
 def save_checkpoint(state: RunState, folder: str | Path) -> Path:
@@ -207,14 +213,45 @@ def evaluate(method: Method, batches: Iterable[Batch], ctx: StepContext, split: 
     return metrics
 
 
+def select_metric(cfg: ExperimentConfig, spec: DatasetSpec) -> str:
+    """The val metric that picks the reported epoch (train.select=best_val)."""
+    return cfg.train.select_metric or ("val/f1_macro" if spec.multilabel else "val/acc")
+
+
+def track_best(cfg: ExperimentConfig, state: RunState, metrics: dict[str, float], epoch: int) -> None:
+    """Keep the weights of the epoch with the best val metric so far (ties keep the earlier)."""
+    if cfg.train.select != "best_val" or not any(k.startswith("val/") for k in metrics):
+        return
+    name = select_metric(cfg, state.method.spec)
+    if name not in metrics:
+        raise ValueError(f"train.select_metric: this run has no {name!r}; its val metrics are "
+                         f"{sorted(k for k in metrics if k.startswith('val/'))}")
+    score = metrics[name] if cfg.train.select_mode == "max" else -metrics[name]
+    if state.best is None or score > state.best["score"]:
+        weights = {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
+                   for k, v in state.method.state_dict().items()}
+        state.best = {"epoch": epoch, "score": score, "method": weights}
+
+
+def selected_model(state: RunState, epoch: int) -> tuple[Method, int]:
+    """(model, epoch) whose test metrics the run reports: the kept best epoch's weights in a
+    copy of the method (the training state stays as it is), or the method as it is now."""
+    if state.best is None or state.best["epoch"] == epoch:
+        return state.method, epoch
+    model = copy.deepcopy(state.method)
+    model.load_state_dict(state.best["method"])
+    return model, state.best["epoch"]
+
+
 def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: ReportFn,
         ctx: StepContext, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
     """Train from `state.epoch` to `cfg.train.epochs`, evaluating every epoch.
 
     Each epoch re-seeds torch from (seed, epoch) so that a run resumed from a checkpoint draws
-    the same random numbers as one that never stopped. The test split is evaluated only after the
-    last epoch, so model selection never sees it.
+    the same random numbers as one that never stopped. The test split is evaluated once, after
+    the last epoch, on the model of the selected epoch (train.select: the best val epoch, or the
+    last), so model selection never sees it; `select/epoch` records which.
     """
     missing = split_specs(cfg.data.missing)
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -226,15 +263,18 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
         metrics["time/train_epoch_s"] = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1
         cost_split = "test" if "test" in splits else "val"  # the run's last evaluation
-        # The test split is evaluated once, on the deployable model (e.g. M2PT merged).
-        final = state.method.final_module() if last and "test" in splits else None
         t_eval = time.perf_counter()
-        for split in splits:
-            if split == "test" and not last:
-                continue
-            module = final if split == "test" else state.method
-            metrics.update(evaluate(module, batches(split, epoch, missing[split]), ctx, split,
-                                    reduce, measure_cost=last and split == cost_split))
+        if "val" in splits:
+            metrics.update(evaluate(state.method, batches("val", epoch, missing["val"]), ctx, "val",
+                                    reduce, measure_cost=last and cost_split == "val"))
+            track_best(cfg, state, metrics, epoch)
+        final = None
+        if last and "test" in splits:
+            # Once, on the selected epoch's deployable model (e.g. M2PT merged).
+            model, metrics["select/epoch"] = selected_model(state, epoch)
+            final = model.final_module()
+            metrics.update(evaluate(final, batches("test", epoch, missing["test"]), ctx, "test",
+                                    reduce, measure_cost=True))
         if final is not None:  # robustness: the test split at other missing rates and types
             for spec in robustness_specs(cfg.data.missing):
                 m = evaluate(final, batches("test", epoch, spec), ctx, "test", reduce)

@@ -135,6 +135,9 @@ class AblationConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self, path: str, errors: list[str]) -> None:
+        if self.search.metric.startswith("val/"):  # runs select their epoch by it too
+            self.experiment.train.select_metric = self.search.metric
+            self.experiment.train.select_mode = self.search.mode
         if not self.name or any(c in self.name for c in "/\\ "):
             errors.append(f"name: {self.name!r} must be non-empty, without spaces or slashes")
         base = to_dict(self.experiment)
