@@ -38,13 +38,16 @@ def run(cfg: ExperimentConfig, name: str, storage_path: str, local: bool) -> dic
     uri = ml.resolve_tracking_uri(cfg.tracking.uri)
     client = MlflowClient(uri)
     exp_id = ml.ensure_experiment(client, cfg.tracking.experiment or "mmray", ml.artifact_root_for(uri))
-    parent = ml.start_parent(client, exp_id, f"train:{name}", "train", params={}, tags={})
+    sources = ml.source_tags(commit=ml.git_commit())
+    parent = ml.start_parent(client, exp_id, f"train:{name}", "train", params={}, tags=sources)
     run_id, status = ml.child_run(
         client, exp_id, parent, name, flatten(to_dict(cfg)),
-        ml.run_tags(cfg, prepared.manifest["version"], ml.git_commit()))
+        {**sources, **ml.run_tags(cfg, prepared.manifest["version"], ml.git_commit())})
     if status == "FINISHED":
         print(f"run {name} already finished; metrics from MLflow run {run_id}")
         return ml.final_metrics(client, run_id)
+    ml.log_dataset_input(client, run_id, cfg.data.dataset, str(prepared.version_dir),
+                         prepared.manifest["version"])
     trainer = build_trainer(cfg, prepared.version_dir, name, str(Path(storage_path).resolve()),
                             tracking={"uri": uri, "run_id": run_id})
     try:

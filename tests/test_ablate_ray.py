@@ -5,6 +5,7 @@ These start real Ray runtimes and trials (each ~20-30 s on 2 cores), so they are
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,9 +48,18 @@ def test_ablation_logs_parent_and_children_with_tuned_params(tmp_path, monkeypat
             *_overrides(tmp_path)]
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # The console: a line per trial event, not Ray Train's metrics dict per report
+    console = out.stdout + out.stderr
+    assert "Reporting training result" not in console
+    for trial in ("fusion=concat", "fusion=sum"):
+        assert f"{trial}: started" in console and f"{trial}: epoch 1  val/acc=" in console
+        assert f"{trial}: done  test/acc=" in console
     client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t1")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs table
     parent, kids = _children(client, "t1")
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.source.name"] == str(ROOT / "pipelines" / "ablate.py")
     assert sorted(k.data.tags[TRIAL_TAG] for k in kids) == ["fusion=concat", "fusion=sum"]
     for kid in kids:
         assert kid.info.status == "FINISHED"
@@ -59,6 +69,12 @@ def test_ablation_logs_parent_and_children_with_tuned_params(tmp_path, monkeypat
         assert 1e-4 <= lr <= 0.05 and lr != 0.002  # chosen by Optuna, not the base config
         assert t["method"] == "normal" and t["dataset"] == "synthetic" and t["seed"] == "0"
         assert len(t["git_commit"]) > 0 and len(t["config_hash"]) == 12 and t["data_version"]
+        assert t["mlflow.source.name"] == str(ROOT / "pipelines" / "ablate.py")
+        assert t["mlflow.source.type"] == "LOCAL"
+        (data,) = client.get_run(kid.info.run_id).inputs.dataset_inputs
+        assert (data.dataset.name, data.dataset.digest) == ("synthetic", t["data_version"])
+        shards = tmp_path / "shards" / "synthetic" / t["data_version"]
+        assert json.loads(data.dataset.source) == {"uri": str(shards)} and shards.is_dir()
         history = client.get_metric_history(kid.info.run_id, "val/acc")
         assert [m.step for m in history] == [0, 1]
         for key in ("train/loss", "val/acc_audio", "val/acc_image", "test/acc"):

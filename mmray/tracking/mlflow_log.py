@@ -7,24 +7,42 @@ one finished child run per trial.
 
 Tracking URIs and artifact locations are made absolute on the driver: trials and `ray job
 submit` run in temporary working folders where a relative `sqlite:///mlflow.db` would vanish.
+
+What the MLflow UI shows besides params and metrics: experiments are of the kind that opens on
+their runs table (`EXPERIMENT_KIND`; MLflow 3 opens others on its GenAI overview), runs carry
+their source (`source_tags`: the pipeline script, a local run or a Ray job) and a trial's run
+the shards it trained on as a dataset input (`log_dataset_input`: dataset name, shard folder,
+data version as digest).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 SWEEP_TAG = "mmray.sweep"
 TRIAL_TAG = "mmray.trial"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+# The UI opens an experiment of this kind on its runs table; MLflow 3 opens one without the tag
+# on its GenAI overview (traces, evaluations), which an ablation has none of.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
+SOURCE_COMMIT_TAG = "mlflow.source.git.commit"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# Ray sets this in the entrypoint of a `ray job submit` (ray/_private/runtime_env/constants.py).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 _BATCH = 100  # MLflow's log_batch limit on params per call
 
 
@@ -80,13 +98,38 @@ def run_tags(cfg, data_version: str, commit: str) -> dict[str, str]:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """The experiment's id, created if needed, of the kind whose UI page is the runs table (a
+    kind set by hand in the UI is kept)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = f"{artifact_root}/{name}" if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def source_tags(script: str | Path | None = None, commit: str = "") -> dict[str, str]:
+    """A run's source for the UI: the pipeline script (default: this process's, so call it on
+    the driver, not in a trial), JOB under `ray job submit` else LOCAL, and the git commit."""
+    path = Path(script or sys.argv[0]).resolve()
+    tags = {SOURCE_NAME_TAG: str(path), SOURCE_TYPE_TAG: "JOB" if os.environ.get(RAY_JOB_ENV)
+            else "LOCAL"}
+    return {**tags, SOURCE_COMMIT_TAG: commit} if commit and commit != "unknown" else tags
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, name: str, source: str, digest: str,
+                      context: str = "training") -> None:
+    """Record the shards a run read as an MLflow dataset input: `source` the shard folder (a
+    path or URI), `digest` the data version. Only metadata is logged, never the data; logging
+    the same input again is a no-op."""
+    scheme = source.split("://", 1)[0] if "://" in source else "local"
+    dataset = Dataset(name=name, digest=digest, source_type="local" if scheme == "file" else scheme,
+                      source=json.dumps({"uri": source}))
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(DATASET_CONTEXT_TAG, context)])])
 
 
 def _find_runs(client: MlflowClient, exp_id: str, filters: dict[str, str]) -> list:

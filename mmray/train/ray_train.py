@@ -8,6 +8,7 @@ the dataset shards, gradient/metric all-reduce across workers, the checkpoint re
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -123,8 +124,35 @@ def fit_trainer(trainer: TorchTrainer):
     return result
 
 
+_TRAIN_PACKAGE = os.path.dirname(ray.train.__file__)
+
+
+class _TrainRecordsOffConsole(logging.Filter):
+    """Keeps Ray Train's own records below `level` off a worker's console, its stderr that Ray
+    forwards to the driver: Ray Train logs one per report with the whole metrics dict, from a
+    logger named after its file, which `LoggingConfig` does not reach. Ray Train's log files
+    (`<session>/logs/train/`) still get them."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or not record.pathname.startswith(_TRAIN_PACKAGE)
+
+
+def quiet_train_console(level: str) -> None:
+    """Add the filter to the console handlers of this process's root logger (once)."""
+    for h in logging.getLogger().handlers:
+        console = isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        if console and not any(isinstance(f, _TrainRecordsOffConsole) for f in h.filters):
+            h.addFilter(_TrainRecordsOffConsole(logging.getLevelName(level)))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker. `config`: experiment (dict), version_dir, tracking."""
+    """Runs on every Ray Train worker. `config`: experiment (dict), version_dir, tracking,
+    train_log_level."""
+    quiet_train_console(config.get("train_log_level", "INFO"))
     cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
     version_dir = config["version_dir"]
     manifest = load_manifest(version_dir)
@@ -198,8 +226,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, storage_path: str,
-                  tracking: dict | None = None, callbacks: list | None = None) -> TorchTrainer:
-    """A TorchTrainer for one experiment. The same `name` + `storage_path` resumes that run."""
+                  tracking: dict | None = None, callbacks: list | None = None,
+                  train_log_level: str = "INFO") -> TorchTrainer:
+    """A TorchTrainer for one experiment. The same `name` + `storage_path` resumes that run.
+    `train_log_level`: the least level of Ray Train's own records on the console (a sweep
+    prints its own progress lines and passes WARNING); its log files keep every record."""
     manifest = load_manifest(version_dir)
     missing.check(cfg.data.missing, spec_of(manifest))  # a bad type fails here, not in a worker
     # RAY: read by TorchTrainer.fit() in this process and passed on to the run's controller.
@@ -213,7 +244,7 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "version_dir": str(version_dir),
-                           "tracking": tracking,
+                           "tracking": tracking, "train_log_level": train_log_level,
                            "setup_errors": f"{storage_path.rstrip('/')}/{name}/setup_errors"},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -226,6 +257,9 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             callbacks=callbacks or [],
+            # Ray Train's `ray.train.*` loggers of the controller and workers (console and
+            # application log file; its system log file keeps every level).
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level),
         ),
         datasets=datasets,
     )

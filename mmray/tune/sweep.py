@@ -9,6 +9,7 @@ supported by Ray Train V2, hence this pattern.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from mmray.config import config_hash, flatten, to_dict
 from mmray.ray_utils import TRIAL_SLOT
 from mmray.tracking import mlflow_log as ml
 from mmray.tune.grid import AblationConfig, expand_grid, trial_experiment, value_label
+from mmray.tune.progress import SweepProgress
 from mmray.tune.search import CellSearcher
 
 
@@ -35,22 +37,34 @@ def run_trial(config: dict, context: dict) -> None:
     params = flatten(to_dict(cfg))
     params.update({f"grid.{k}": value_label(v) for k, v in config["cell"].items()})
     run_id, status = ml.child_run(client, context["experiment_id"], context["parent_id"], trial,
-                                  params, {ml.TRIAL_TAG: trial, **ml.run_tags(
-                                      cfg, context["data_version"], context["git_commit"])})
+                                  params, {ml.TRIAL_TAG: trial, **context["source_tags"],
+                                           **ml.run_tags(cfg, context["data_version"],
+                                                         context["git_commit"])})
     if status == "FINISHED":
         # Finished before an interruption: report what MLflow holds, train nothing again.
         tune.report({**ml.final_metrics(client, run_id), "mlflow_run_id": run_id})
         return
+    ml.log_dataset_input(client, run_id, cfg.data.dataset, context["version_dir"],
+                         context["data_version"])
+    # The sweep prints a line per epoch (SweepProgress): Ray Train's per-report INFO records
+    # go to its log files only.
     trainer = build_trainer(cfg, context["version_dir"], name=trial,
                             storage_path=context["train_storage"],
                             tracking={"uri": context["tracking_uri"], "run_id": run_id},
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], train_log_level="WARNING")
     try:
         fit_trainer(trainer)
     except BaseException:
         ml.finish(client, run_id, ok=False)
         raise
     ml.finish(client, run_id, ok=True)
+
+
+def progress(abl: AblationConfig, n_trials: int) -> SweepProgress:
+    """Console lines: the search metric per epoch, the report's main test metric at the end."""
+    final = (abl.report.metrics[0] if abl.report.metrics
+             else re.sub(r"^val/", "test/", abl.search.metric))
+    return SweepProgress(abl.search.metric, final, n_trials)
 
 
 def concurrency(abl: AblationConfig, n_trials: int, res: dict[str, float]) -> int:
@@ -92,16 +106,19 @@ def run_sweep(abl: AblationConfig, version_dir: str, data_version: str, *, resum
         raise FileExistsError(
             f"a sweep named {abl.name!r} already exists at {sweep_dir}; pass --resume to finish it, "
             "or set name=... or storage_path=... to start a new one")
+    sources = ml.source_tags(commit=ml.git_commit())  # the script this driver runs
     parent_id = ml.start_parent(client, exp_id, sweep_dir, abl.name,
                                 params={**flatten(to_dict(abl.experiment)),
                                         **{f"grid.{k}": [value_label(v) for v in vs]
                                            for k, vs in abl.grid.items()}},
                                 tags={"ablation": abl.name, "git_commit": ml.git_commit(),
-                                      "data_version": data_version, "config_hash": config_hash(abl)})
+                                      "data_version": data_version, "config_hash": config_hash(abl),
+                                      **sources})
     context = {
         "base": to_dict(abl.experiment), "version_dir": str(version_dir), "data_version": data_version,
         "train_storage": f"{sweep_dir}/train", "tracking_uri": uri, "experiment_id": exp_id,
         "parent_id": parent_id, "git_commit": ml.git_commit(), "workdir": str(workdir),
+        "source_tags": sources,
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_SLOT: 1})
     cells = expand_grid(abl.grid)
@@ -123,8 +140,10 @@ def run_sweep(abl: AblationConfig, version_dir: str, data_version: str, *, resum
                 trial_name_creator=lambda t: t.config["trial"],
                 trial_dirname_creator=lambda t: t.config["trial"],
             ),
+            # verbose=0: no status tables; SweepProgress prints a line per trial event.
             run_config=tune.RunConfig(name=abl.name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      verbose=0, callbacks=[progress(abl, n_trials)]),
         )
     grid = tuner.fit()
     errors = sum(1 for r in grid if r.error is not None)
