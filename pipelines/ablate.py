@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from mmray.pipeline_support import ConfigError, config_parser, fail, prepare_data, smoke_overrides
-from mmray.tune.grid import AblationConfig, load_ablation
+from mmray.tune.grid import AblationConfig, load_ablation, preflight_ablation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                          *overrides]
         try:
             abl: AblationConfig = load_ablation(args.config, overrides)
+            preflight_ablation(abl)  # files and names of every cell, before Ray starts
         except ConfigError as e:
             return fail(e)
         return run(abl, args.resume, Path(tmp if args.smoke else args.report_dir) / abl.name)

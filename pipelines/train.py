@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mmray.config import config_hash, flatten, to_dict
 from mmray.pipeline_support import ConfigError, config_parser, fail, prepare_data, smoke_overrides
-from mmray.train.experiment import ExperimentConfig, load_experiment
+from mmray.train.experiment import ExperimentConfig, load_experiment, preflight
 
 
 def run(cfg: ExperimentConfig, name: str, storage_path: str, local: bool) -> dict:
@@ -32,7 +32,7 @@ def run(cfg: ExperimentConfig, name: str, storage_path: str, local: bool) -> dic
 
     from mmray.ray_utils import init_ray
     from mmray.tracking import mlflow_log as ml
-    from mmray.train.ray_train import build_trainer
+    from mmray.train.ray_train import build_trainer, fit_trainer
 
     init_ray()
     uri = ml.resolve_tracking_uri(cfg.tracking.uri)
@@ -51,7 +51,7 @@ def run(cfg: ExperimentConfig, name: str, storage_path: str, local: bool) -> dic
     trainer = build_trainer(cfg, prepared.version_dir, name, str(Path(storage_path).resolve()),
                             tracking={"uri": uri, "run_id": run_id})
     try:
-        result = trainer.fit()
+        result = fit_trainer(trainer)
     except BaseException:
         ml.finish(client, run_id, ok=False)
         raise
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             storage = str(Path(tmp) / "runs")
         try:
             cfg = load_experiment(args.config, overrides)
+            if problems := preflight(cfg):  # files and names, before any work starts
+                raise ConfigError(problems, args.config)
         except ConfigError as e:
             return fail(e)
         name = args.name or f"{cfg.method.name}-{config_hash(cfg)}"
