@@ -103,6 +103,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_data, tmp_path):
 DATA = {2: "tiny_data", 3: "tiny_data3", "image-text": "tiny_data_it"}
 
 
+@pytest.mark.ray  # its data fixture is picked at run time, which collection cannot see
 @pytest.mark.parametrize("modalities", [2, 3, "image-text"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_and_resumes_exactly(method, modalities, request, tmp_path):
