@@ -119,12 +119,12 @@ def _no_ambient_tracking(monkeypatch):
 
 
 def _tiny(tmp_path_factory, name: str, *extra: str):
-    from mmray.pipeline_support import SMOKE_OVERRIDES, prepare_data
-    from mmray.train.experiment import load_experiment
+    from mmray.pipeline_support import prepare_data
 
-    root = tmp_path_factory.mktemp(name)
-    cfg = load_experiment(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=96", "train.epochs=3",
-                             f"data.root={root / 'raw'}", f"data.data_dir={root / 'shards'}", *extra])
+    from helpers import smoke_experiment
+
+    cfg = smoke_experiment(tmp_path_factory.mktemp(name), "data.synthetic.num_samples=96", "train.epochs=3",
+                           *extra)
     return cfg, prepare_data(cfg.data)
 
 

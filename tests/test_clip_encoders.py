@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_map import SPEC, batch
 
 from mmray.config import ConfigError
 from mmray.data.spec import ModalitySpec
@@ -13,6 +12,8 @@ from mmray.encoders import ModelConfig, build_encoder
 from mmray.encoders.pretrained import TimmEncoder, build_clip
 from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.train.experiment import load_experiment
+
+from helpers import SPEC_IT, clip_batch
 
 FROZEN = dict(encoder="open_clip", text_encoder="open_clip", freeze_backbone=True,
               project_features=False)
@@ -30,32 +31,32 @@ def clip_file(tmp_path_factory):
 def test_unprojected_towers_give_clips_own_embeddings(clip_file):
     clip, path = clip_file
     cfg = ModelConfig(**FROZEN, clip_weights=path)
-    image = build_encoder(SPEC.modalities["image"], cfg, "image")
-    text = build_encoder(SPEC.modalities["text"], cfg, "text")
-    b = batch()
+    image = build_encoder(SPEC_IT.modalities["image"], cfg, "image")
+    text = build_encoder(SPEC_IT.modalities["text"], cfg, "text")
+    b = clip_batch()
     assert image.out_dim == text.out_dim == 32
     torch.testing.assert_close(image(b["inputs"]["image"]), clip.encode_image(b["inputs"]["image"]))
     torch.testing.assert_close(text(b["inputs"]["text"]), clip.encode_text(b["inputs"]["text"]))
     own = ModelConfig(**FROZEN, clip_weights=path, weights={"image": "/absent/clip.pt"})
     with pytest.raises(FileNotFoundError, match="/absent/clip.pt"):  # model.weights.<m> wins
-        build_encoder(SPEC.modalities["image"], own, "image")
+        build_encoder(SPEC_IT.modalities["image"], own, "image")
 
 
 def test_frozen_towers_stay_in_eval_and_out_of_the_state_dict(clip_file):
     _, path = clip_file
     cfg = ModelConfig(encoder="open_clip", feature_dim=8, freeze_backbone=True, clip_weights=path)
-    enc = build_encoder(SPEC.modalities["image"], cfg)
+    enc = build_encoder(SPEC_IT.modalities["image"], cfg)
     enc.train()
     assert enc.training and not any(m.training for m in enc.visual.modules())
     assert {n for n, p in enc.named_parameters() if p.requires_grad} == {"proj.weight", "proj.bias"}
     state = enc.state_dict()
     assert set(state) == {"proj.weight", "proj.bias"}
-    fresh = build_encoder(SPEC.modalities["image"], cfg)
+    fresh = build_encoder(SPEC_IT.modalities["image"], cfg)
     fresh.load_state_dict(state)  # strict: the backbone comes from its weights file
-    x = batch()["inputs"]["image"]
+    x = clip_batch()["inputs"]["image"]
     enc.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), enc(x))
-    text = build_encoder(SPEC.modalities["text"], ModelConfig(**FROZEN, clip_weights=path), "text")
+    text = build_encoder(SPEC_IT.modalities["text"], ModelConfig(**FROZEN, clip_weights=path), "text")
     assert set(text.state_dict()) == set()  # nothing trains: nothing to save
     text.load_state_dict({})  # strict, with the non-persistent causal mask left alone
     timm = TimmEncoder("resnet18", 3, 8, frozen=True).train()
@@ -66,14 +67,14 @@ def test_frozen_towers_stay_in_eval_and_out_of_the_state_dict(clip_file):
 def test_normal_on_frozen_clip_trains_only_its_linear_head(clip_file):
     clip, path = clip_file
     torch.manual_seed(0)
-    method = build_method(SPEC, ModelConfig(**FROZEN, clip_weights=path), MethodConfig("normal"))
+    method = build_method(SPEC_IT, ModelConfig(**FROZEN, clip_weights=path), MethodConfig("normal"))
     assert {n for n, p in method.named_parameters() if p.requires_grad} == {
         "head.fc.weight", "head.fc.bias"}
     assert method.head.fc.in_features == 64  # [image feature; text feature] of CLIP, 32 each
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
     before = [p.detach().clone() for p in method.encoders.parameters()]
     method.train()
-    method.train_step(batch(), opt, StepContext(device=torch.device("cpu")))
+    method.train_step(clip_batch(), opt, StepContext(device=torch.device("cpu")))
     assert all(torch.equal(a, p) for a, p in zip(before, method.encoders.parameters()))
     assert set(method.state_dict()) == {"head.fc.weight", "head.fc.bias"}
 

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 from PIL import Image
 
 from mmray.data.features import image_features, load_image
-from mmray.data.preprocess import Featurizer, _fingerprint, preprocess
+from mmray.data.preprocess import _fingerprint, preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.cremad import EMOTIONS
 from mmray.data.sources.source import frame_files
-from mmray.train.experiment import load_experiment
 from mmray.tune.grid import load_ablation
+
+from helpers import data_config, featurize, ids_by_split, write_noise_wav
 
 SR = 16000
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -36,7 +35,7 @@ def _write(root: Path, clips: list[str], *, frames: int = 3, audio: bool = True)
     for clip in clips:
         wav = root / "AudioWAV" / f"{clip}.wav"
         if audio:
-            soundfile.write(wav, 0.1 * rng.standard_normal(SR // 2), SR, subtype="PCM_16")
+            write_noise_wav(wav, rng, 0.5, SR)
         else:
             wav.touch()  # listing reads names only
         folder = root / "Image-01-FPS" / clip
@@ -48,18 +47,9 @@ def _write(root: Path, clips: list[str], *, frames: int = 3, audio: bool = True)
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_experiment(None, [
-        "data.dataset=cremad", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
-        "data.audio.kind=stft", f"data.audio.sample_rate={SR}", "data.audio.seconds=0.5",
-        "data.audio.n_fft=256", "data.audio.hop_length=128", "data.image.size=16",
-        "data.parallelism=1", *extra]).data
-
-
-def _splits(items) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for it in items:
-        out.setdefault(it.split, []).append(it.id)
-    return out
+    return data_config("cremad", root, tmp_path, "data.audio.kind=stft", f"data.audio.sample_rate={SR}",
+                       "data.audio.seconds=0.5", "data.audio.n_fft=256", "data.audio.hop_length=128",
+                       "data.image.size=16", *extra)
 
 
 def test_labels_come_from_clip_names(tmp_path):
@@ -86,18 +76,18 @@ def test_seeded_split_is_stratified_and_deterministic(tmp_path):
     root = _write(tmp_path / "CREMA-D", _clips(10), frames=0, audio=False)
     data = _data(root, tmp_path, "data.cremad.test=0.2", "data.cremad.val=0.25")
     items = get_source("cremad").items(data)
-    splits = _splits(items)
+    splits = ids_by_split(items)
     for split, per_emotion in (("test", 2), ("val", 2), ("train", 6)):  # val: 0.25 of 8 train
         assert sorted(int(EMOTIONS.index(c.split("_")[2])) for c in splits[split]) == sorted(
             list(range(6)) * per_emotion), split
-    assert _splits(get_source("cremad").items(data)) == splits  # same seed, same split
+    assert ids_by_split(get_source("cremad").items(data)) == splits  # same seed, same split
     # Clips rank by a seeded hash of their name: removing an ANG clip moves no other emotion's.
     gone = _clips(10)[0]
     (root / "AudioWAV" / f"{gone}.wav").unlink()
-    fewer = _splits(get_source("cremad").items(data))
+    fewer = ids_by_split(get_source("cremad").items(data))
     assert {c for c in fewer["test"] if "_ANG_" not in c} == {
         c for c in splits["test"] if "_ANG_" not in c}
-    other = _splits(get_source("cremad").items(_data(root, tmp_path, "data.cremad.test=0.2",
+    other = ids_by_split(get_source("cremad").items(_data(root, tmp_path, "data.cremad.test=0.2",
                                                      "data.cremad.seed=1")))
     assert other["test"] != fewer["test"] and len(other["test"]) == 12
 
@@ -111,7 +101,7 @@ def test_reference_csv_lists_decide_train_and_test(tmp_path):
     (root / "train.csv").write_text("\ufeff" + "".join(f"{c},{c.split('_')[2]}\n" for c in train))
     (root / "test.csv").write_text("".join(f"{c},{c.split('_')[2]}\n" for c in test))
     data = _data(root, tmp_path, "data.cremad.val=0.34")
-    splits = _splits(get_source("cremad").items(data))
+    splits = ids_by_split(get_source("cremad").items(data))
     assert sorted(splits["test"]) == sorted(test)
     assert len(splits["val"]) == 6 and set(splits["val"]) <= set(train)  # round(0.34 * 3) per emotion
     assert sorted(splits["train"] + splits["val"]) == sorted(train)
@@ -184,13 +174,7 @@ def test_featurizer_stacks_frames_and_names_a_missing_folder(tmp_path):
     for f in missing.iterdir():
         f.unlink()
     missing.rmdir()
-    batch = {"id": np.array([i.id for i in items], dtype=object),
-             "split": np.array([i.split for i in items], dtype=object),
-             "label": np.array([i.label for i in items])}
-    for m in ("audio", "visual"):
-        batch[f"file_{m}"] = np.array([i.files[m] for i in items], dtype=object)
-        batch[f"inline_{m}"] = np.array([""] * 3, dtype=object)
-    out = Featurizer(source.spec(data).to_dict(), asdict(data))(batch)
+    out = featurize(source, data, items)
     assert out["visual"].shape == (3, 9, 16, 16) and out["audio"].shape == (3, 1, 63, 129)
     frames = sorted(Path(items[0].files["visual"]).iterdir())
     expected = np.concatenate([image_features(load_image(f), data.image) for f in frames])
@@ -199,7 +183,6 @@ def test_featurizer_stacks_frames_and_names_a_missing_folder(tmp_path):
     assert f"no frame folder {items[1].files['visual']}" in out["error"][1]
 
 
-@pytest.mark.ray
 def test_preprocess_shapes_match_spec_and_bad_clips_are_skipped(ray_local, tmp_path):
     root = _write(tmp_path / "CREMA-D", _clips(2), frames=3)
     bad = root / "Image-01-FPS" / _clips(2)[0]
@@ -231,7 +214,6 @@ def test_preprocess_shapes_match_spec_and_bad_clips_are_skipped(ray_local, tmp_p
     assert _fingerprint(get_source("cremad"), data, items) != before
 
 
-@pytest.mark.ray
 def test_the_balance_grid_runs_on_cremad_with_one_override_of_the_data_root(ray_local, tmp_path):
     """configs/ablations/balance_cremad.yaml as the sweep builds each trial: every cell (ResNet18
     encoders as configured) trains on CREMA-D files, sized down to seconds."""

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 
 from mmray.data.preprocess import preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
-from mmray.train.experiment import load_experiment
+
+from helpers import data_config, write_noise_wav
 
 HEADER = "filename,fold,target,category,esc10,src_file,take\n"
 CATEGORIES = ("dog", "rooster", "chirping_birds")
@@ -39,15 +39,13 @@ def _write(root: Path, rows, audio: bool = True) -> Path:
     rng = np.random.default_rng(0)
     for f, *_ in rows:
         if audio:
-            soundfile.write(root / "audio" / f, 0.1 * rng.standard_normal(SR // 4), SR, subtype="PCM_16")
+            write_noise_wav(root / "audio" / f, rng, 0.25, SR)
     return root
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_experiment(None, [
-        "data.dataset=esc50", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
-        "data.audio.sample_rate=16000", "data.audio.seconds=0.25", "data.audio.n_mels=16",
-        "data.audio.n_fft=400", "data.audio.hop_length=160", "data.parallelism=1", *extra]).data
+    return data_config("esc50", root, tmp_path, "data.audio.sample_rate=16000", "data.audio.seconds=0.25",
+                       "data.audio.n_mels=16", "data.audio.n_fft=400", "data.audio.hop_length=160", *extra)
 
 
 def test_labels_folds_and_class_names(tmp_path):
@@ -123,7 +121,6 @@ def test_inconsistent_or_incomplete_labels_and_layout_errors(tmp_path):
         get_source("esc50").items(_data(root, tmp_path))
 
 
-@pytest.mark.ray
 def test_preprocess_shapes_match_spec_and_a_missing_wav_is_named(ray_local, tmp_path):
     rows = _rows(per_fold=1)
     root = _write(tmp_path / "ESC-50", rows)

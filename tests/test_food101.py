@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,11 @@ import pytest
 from PIL import Image
 
 from mmray.data.features import tokenize
-from mmray.data.preprocess import Featurizer, preprocess
+from mmray.data.preprocess import preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
-from mmray.train.experiment import load_experiment
+
+from helpers import data_config, featurize
 
 CLASSES = ("pizza", "apple_pie", "hot_dog")  # listed unsorted: labels follow the sorted names
 
@@ -40,9 +40,7 @@ def _write(root: Path, per_class: dict[str, int], *, images: bool = True) -> Pat
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_experiment(None, [
-        "data.dataset=food101", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
-        "data.image.size=16", "data.text.max_tokens=8", "data.parallelism=1", *extra]).data
+    return data_config("food101", root, tmp_path, "data.image.size=16", "data.text.max_tokens=8", *extra)
 
 
 def test_labels_texts_and_paths_from_the_csvs(tmp_path):
@@ -117,20 +115,12 @@ def test_featurizer_names_a_missing_image(tmp_path):
     items = source.items(data)
     missing = Path(items[1].files["image"])
     missing.unlink()
-    batch = {"id": np.array([i.id for i in items], dtype=object),
-             "split": np.array([i.split for i in items], dtype=object),
-             "label": np.array([i.label for i in items])}
-    batch["file_image"] = np.array([i.files["image"] for i in items], dtype=object)
-    batch["inline_image"] = np.array([""] * 3, dtype=object)
-    batch["file_text"] = np.array([""] * 3, dtype=object)
-    batch["inline_text"] = np.array([i.inline["text"] for i in items], dtype=object)
-    out = Featurizer(source.spec(data).to_dict(), asdict(data))(batch)
+    out = featurize(source, data, items)
     assert list(out["error_file"]) == ["", str(missing), ""]
     assert str(missing) in out["error"][1]
     np.testing.assert_array_equal(out["text"][0], tokenize(items[0].inline["text"], data.text))
 
 
-@pytest.mark.ray
 def test_preprocess_shapes_match_spec_and_missing_images_are_skipped(ray_local, tmp_path):
     root = _write(tmp_path / "food", {"train": 3, "test": 1})
     (root / "images/test/pizza/pizza_9.jpg").unlink()

@@ -6,33 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import METHODS, MethodConfig, StepContext, build_method
 from mmray.modules.fusion import LateFusion
 
-SPEC = DatasetSpec("toy", {"audio": ModalitySpec("audio", (1, 12, 8)),
-                           "image": ModalitySpec("image", (3, 8, 8))}, num_classes=3)
-SPEC3 = DatasetSpec("toy3", {**SPEC.modalities, "text": ModalitySpec("text", (6,), vocab_size=50)},
-                    num_classes=3)
-ML_SPEC = DatasetSpec("ml", SPEC.modalities, num_classes=4, multilabel=True)
-# Image-text at the tiny CLIP's input sizes (32 px, 32 open_clip tokens): what MAP and REP need.
-SPEC_IT = DatasetSpec("toy_it", {"image": ModalitySpec("image", (3, 32, 32)),
-                                 "text": ModalitySpec("text", (32,), vocab_size=49408)}, num_classes=3)
-
-
-def make_batch(spec: DatasetSpec, b: int = 6, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    inputs = {}
-    for m, s in spec.modalities.items():
-        if s.kind == "text":
-            inputs[m] = torch.randint(0, s.vocab_size, (b, *s.shape), generator=g)
-        else:
-            inputs[m] = torch.randn(b, *s.shape, generator=g)
-    label = (torch.randint(0, 2, (b, spec.num_classes), generator=g).float() if spec.multilabel
-             else torch.randint(0, spec.num_classes, (b,), generator=g))
-    return {"inputs": inputs, "present": {m: torch.ones(b, dtype=torch.bool) for m in spec.modalities},
-            "label": label, "id": [f"s{i}" for i in range(b)]}
+from helpers import ML_SPEC, SPEC, SPEC3, SPEC_IT, make_batch
 
 
 def test_concat_per_modality_logits_follow_the_formula():

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from mmray.data.preprocess import Featurizer, preprocess
+from mmray.data.preprocess import preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
-from mmray.train.experiment import load_experiment
+
+from helpers import data_config, featurize, ids_by_split
 
 
 def line(sid: int, label: int | None, text: str = "") -> str:
@@ -40,23 +39,15 @@ def write(root: Path, n_train: int = 10, test_labelled: bool = False, images: bo
 
 
 def data_cfg(root: Path, tmp_path: Path, *extra: str):
-    return load_experiment(None, [
-        "data.dataset=hateful_memes", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
-        "data.image.size=16", "data.text.max_tokens=8", "data.parallelism=1", *extra]).data
-
-
-def splits(items) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for it in items:
-        out.setdefault(it.split, []).append(it.id)
-    return out
+    return data_config("hateful_memes", root, tmp_path, "data.image.size=16", "data.text.max_tokens=8",
+                       *extra)
 
 
 def test_a_labelled_test_file_is_the_test_split(tmp_path):
     root = write(tmp_path / "hm", test_labelled=True)
     source = get_source("hateful_memes")
     items = source.items(data_cfg(root, tmp_path))
-    assert splits(items) == {"train": [str(100 + i) for i in range(10)],
+    assert ids_by_split(items) == {"train": [str(100 + i) for i in range(10)],
                              "val": ["200", "201", "202", "203"], "test": ["300", "301", "302"]}
     first = items[0]
     assert first.label == 0 and items[1].label == 1
@@ -72,18 +63,18 @@ def test_a_labelled_test_file_is_the_test_split(tmp_path):
 def test_an_unlabelled_test_file_makes_dev_the_test_split_and_holds_out_val(tmp_path):
     root = write(tmp_path / "hm")
     items = get_source("hateful_memes").items(data_cfg(root, tmp_path, "data.hateful_memes.val=0.2"))
-    s = splits(items)
+    s = ids_by_split(items)
     assert s["test"] == ["200", "201", "202", "203"] and "300" not in [it.id for it in items]
     assert len(s["val"]) == 2 and sorted(int(i) % 2 for i in s["val"]) == [0, 1]  # stratified
     assert len(s["train"]) == 8 and not set(s["val"]) & set(s["train"])
     again = get_source("hateful_memes").items(data_cfg(root, tmp_path, "data.hateful_memes.val=0.2"))
-    assert splits(again) == s
+    assert ids_by_split(again) == s
     reseeded = get_source("hateful_memes").items(data_cfg(
         root, tmp_path, "data.hateful_memes.val=0.2", "data.hateful_memes.seed=5"))
-    assert splits(reseeded)["val"] != s["val"]
+    assert ids_by_split(reseeded)["val"] != s["val"]
     no_test = get_source("hateful_memes").items(
         data_cfg(root, tmp_path, "data.hateful_memes.test_file="))
-    assert splits(no_test)["test"] == s["test"]
+    assert ids_by_split(no_test)["test"] == s["test"]
 
 
 def test_phase_two_file_names(tmp_path):
@@ -95,7 +86,7 @@ def test_phase_two_file_names(tmp_path):
     items = get_source("hateful_memes").items(data_cfg(
         root, tmp_path, "data.hateful_memes.dev_file=dev_seen.jsonl",
         "data.hateful_memes.test_file=test_seen.jsonl"))
-    assert splits(items)["test"] == ["300", "301", "302"]
+    assert ids_by_split(items)["test"] == ["300", "301", "302"]
 
 
 @pytest.mark.parametrize("name, content, expected", [
@@ -135,18 +126,10 @@ def test_featurizer_names_a_missing_image(tmp_path):
     items = [it for it in source.items(data) if it.split == "train"]
     missing = Path(items[1].files["image"])
     missing.unlink()
-    batch = {"id": np.array([i.id for i in items], dtype=object),
-             "split": np.array([i.split for i in items], dtype=object),
-             "label": np.array([i.label for i in items]),
-             "file_image": np.array([i.files["image"] for i in items], dtype=object),
-             "inline_image": np.array([""] * 2, dtype=object),
-             "file_text": np.array([""] * 2, dtype=object),
-             "inline_text": np.array([i.inline["text"] for i in items], dtype=object)}
-    out = Featurizer(source.spec(data).to_dict(), asdict(data))(batch)
+    out = featurize(source, data, items)
     assert list(out["error_file"]) == ["", str(missing)]
 
 
-@pytest.mark.ray
 def test_preprocess_shards_and_skipped_images(ray_local, tmp_path):
     root = write(tmp_path / "hm", n_train=6)
     (root / "img/00201.png").unlink()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.m2pt import CrossModalLinear, cross_modal_layers, merge, reparameterize
 from mmray.train.experiment import load_experiment
+
+from helpers import load_pipeline
 
 # A tiny timm ViT by VisionTransformer kwargs (any timm ViT name takes them).
 NAME = "vit_tiny_patch16_224"
@@ -218,10 +219,9 @@ def test_target_modality_choice_and_errors():
 
 
 def test_trains_end_to_end_with_an_auxiliary_trained_on_audio(tiny_data, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-    import m2pt_aux
-
     from mmray.train.loop import run_local
+
+    m2pt_aux = load_pipeline("m2pt_aux")
 
     cfg, prepared = tiny_data
     aux_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))

@@ -8,48 +8,16 @@ import torch
 
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method
+from mmray.methods import MethodConfig, build_method
 from mmray.methods.map import initial_prompts, prompt_insertions
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 
-SPEC = DatasetSpec("it", {"image": ModalitySpec("image", (3, 32, 32)),
-                          "text": ModalitySpec("text", (32,), vocab_size=49408)}, num_classes=3)
-CPU = StepContext(device=torch.device("cpu"))
-PATCHES = 17  # class token + 16 patches of the tiny CLIP
+from helpers import CLIP_PATCHES, CPU, SPEC_IT, block_inputs, clip_batch
 
 
-def make_map(spec: DatasetSpec = SPEC, **options):
+def make_map(spec: DatasetSpec = SPEC_IT, **options):
     torch.manual_seed(0)
     return build_method(spec, ModelConfig(), MethodConfig("map", "concat", options))
-
-
-def batch(present_image=(1, 1, 0), present_text=(1, 0, 1), seed: int = 0) -> dict:
-    """Three samples: complete, text missing, image missing (by default). Missing inputs are
-    filled as the missing tables fill them: an all-ones image, the tokens of an empty string."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(present_image)
-    img = torch.randn(b, 3, 32, 32, generator=g)
-    txt = torch.zeros(b, 32, dtype=torch.long)
-    txt[:, 0], txt[:, 1:6], txt[:, 6] = 49406, torch.randint(1, 40000, (b, 5), generator=g), 49407
-    pi, pt = torch.tensor(present_image).bool(), torch.tensor(present_text).bool()
-    img[~pi] = 1.0
-    txt[~pt] = torch.tensor([49406, 49407] + [0] * 30)
-    return {"inputs": {"image": img, "text": txt}, "present": {"image": pi, "text": pt},
-            "label": torch.tensor([0, 1, 2][:b]), "id": [f"s{i}" for i in range(b)]}
-
-
-def block_inputs(method, role: str, b: dict) -> list[torch.Tensor]:
-    seen = []
-    hooks = [blk.register_forward_pre_hook(lambda m, a: seen.append(a[0]) and None)
-             for blk in method.tower(role).resblocks()]
-    try:
-        method.eval()
-        with torch.no_grad():
-            method(b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_initial_prompts_mark_each_case_as_the_reference_does():
@@ -78,13 +46,13 @@ def test_each_sample_gets_its_case_prompts_in_front_of_each_prompted_layer(role)
     method = make_map(length=3)
     with torch.no_grad():  # distinct values, so a wrong choice cannot pass
         method.prompts[role].copy_(torch.randn_like(method.prompts[role]))
-    b = batch()
+    b = clip_batch()
     seen = block_inputs(method, role, b)
     cases = [COMPLETE, MISSING_TEXT, MISSING_IMAGE]
     for k in (0, 1):
         for i, c in enumerate(cases):
             assert torch.equal(seen[k][i, :3], method.prompts[role][c, k])
-    n = PATCHES if role == "image" else 32
+    n = CLIP_PATCHES if role == "image" else 32
     assert [s.shape[1] for s in seen] == [3 + n, 6 + n]  # MAP's prompts accumulate
     replaced = make_map(length=3, replace=True)
     assert [s.shape[1] for s in block_inputs(replaced, role, b)] == [3 + n, 3 + n]
@@ -106,7 +74,7 @@ def test_only_prompts_and_head_train_and_the_backbone_stays_frozen():
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
     assert trainable == {"prompts.image", "prompts.text", "head.fc.weight", "head.fc.bias"}
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
-    logs = method.train_step(batch(), opt, CPU)
+    logs = method.train_step(clip_batch(), opt, CPU)
     assert torch.isfinite(logs["loss"]) and logs["grad/image"] > 0 and logs["grad/text"] > 0
     for n, p in method.named_parameters():
         if n in trainable:
@@ -118,7 +86,7 @@ def test_only_prompts_and_head_train_and_the_backbone_stays_frozen():
 def test_the_missing_feature_is_zeroed_before_the_classifier():
     method = make_map()
     method.eval()
-    out = method(batch())
+    out = method(clip_batch())
     half_bias = method.head.fc.bias / 2
     torch.testing.assert_close(out.per_modality["text"][1], half_bias)  # text missing
     torch.testing.assert_close(out.per_modality["image"][2], half_bias)  # image missing
@@ -129,23 +97,23 @@ def test_the_missing_feature_is_zeroed_before_the_classifier():
 def test_checkpoints_hold_prompts_and_head_not_clip():
     method = make_map()
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
-    method.train_step(batch(), opt, CPU)
+    method.train_step(clip_batch(), opt, CPU)
     state = method.state_dict()
     assert set(state) == {"prompts.image", "prompts.text", "head.fc.weight", "head.fc.bias"}
     other = make_map()
     other.load_state_dict(state)  # strict: the frozen CLIP comes from the freshly built model
     method.eval(), other.eval()
-    torch.testing.assert_close(other(batch()).logits, method(batch()).logits, rtol=0, atol=0)
+    torch.testing.assert_close(other(clip_batch()).logits, method(clip_batch()).logits, rtol=0, atol=0)
 
 
 def test_inputs_clip_cannot_take_are_named():
-    small = DatasetSpec("it", {**SPEC.modalities, "image": ModalitySpec("image", (3, 16, 16))}, 3)
+    small = DatasetSpec("it", {**SPEC_IT.modalities, "image": ModalitySpec("image", (3, 16, 16))}, 3)
     with pytest.raises(ValueError, match=r"takes \(3, 32, 32\): set data.image.size=32"):
         make_map(small)
-    hashed = DatasetSpec("it", {**SPEC.modalities, "text": ModalitySpec("text", (8,), 1024)}, 3)
+    hashed = DatasetSpec("it", {**SPEC_IT.modalities, "text": ModalitySpec("text", (8,), 1024)}, 3)
     with pytest.raises(ValueError, match="data.text.tokenizer=open_clip data.text.max_tokens=32"):
         make_map(hashed)
     audio = DatasetSpec("av", {"audio": ModalitySpec("audio", (1, 8, 8)),
-                               "image": SPEC.modalities["image"]}, 3)
+                               "image": SPEC_IT.modalities["image"]}, 3)
     with pytest.raises(ValueError, match=r"map needs one modality of each kind \['image', 'text'\]"):
         make_map(audio)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fusion_normal import ML_SPEC, SPEC, SPEC3, make_batch
 from torch import nn
 
 from mmray.encoders import ModelConfig
@@ -22,6 +21,8 @@ from mmray.methods.mla import (
     projector_alpha,
     projector_update,
 )
+
+from helpers import ML_SPEC, SPEC, SPEC3, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=6)  # d = 6: nothing may assume 512
 CTX = StepContext(device=torch.device("cpu"))

@@ -15,8 +15,8 @@ from mmray.data.reader import load_manifest, read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.mmimdb import FILE_NAME, GENRES, split_ranges
 from mmray.methods import MethodConfig
-from mmray.pipeline_support import SMOKE_OVERRIDES
-from mmray.train.experiment import load_experiment
+
+from helpers import smoke_experiment
 
 N = 40
 
@@ -43,9 +43,7 @@ def write_hdf5(folder, n: int = N, skip: str = "", shapes: dict | None = None, g
 
 
 def data_cfg(tmp_path, *extra):
-    cfg = load_experiment(None, [*SMOKE_OVERRIDES, "data.dataset=mmimdb", f"data.root={tmp_path / 'raw'}",
-                             f"data.data_dir={tmp_path / 'shards'}", "data.batch_rows=16", *extra])
-    return cfg
+    return smoke_experiment(tmp_path, "data.dataset=mmimdb", "data.batch_rows=16", *extra)
 
 
 def test_standard_split_clipped_to_the_file():
@@ -100,7 +98,6 @@ def test_labels_must_be_multi_hot_and_the_file_must_exist(tmp_path):
         get_source("mmimdb").items(data_cfg(tmp_path).data)
 
 
-@pytest.mark.ray
 def test_preprocess_reads_the_rows_in_parallel_and_caches(ray_local, tmp_path):
     data = write_hdf5(tmp_path / "raw")
     cfg = data_cfg(tmp_path)

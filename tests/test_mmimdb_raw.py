@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,12 @@ import pytest
 from PIL import Image
 
 from mmray.data.features import tokenize
-from mmray.data.preprocess import Featurizer, preprocess
+from mmray.data.preprocess import preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.mmimdb import GENRES
-from mmray.train.experiment import load_experiment
+
+from helpers import data_config, featurize
 
 MOVIES = {  # id -> (plots, genres); News is not one of the 23 genres
     "0000001": (["A drama, with commas.", "A second plot."], ["Drama", "Romance"]),
@@ -39,9 +39,8 @@ def write(root: Path, layout: tuple[str, str] = ("dataset", "dataset"), split=No
 
 
 def data_cfg(root: Path, tmp_path: Path, *extra: str):
-    return load_experiment(None, [
-        "data.dataset=mmimdb_raw", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
-        "data.image.size=16", "data.text.max_tokens=8", "data.parallelism=1", *extra]).data
+    return data_config("mmimdb_raw", root, tmp_path, "data.image.size=16", "data.text.max_tokens=8",
+                       *extra)
 
 
 def test_splits_labels_texts_and_paths(tmp_path):
@@ -119,19 +118,11 @@ def test_featurizer_names_a_missing_poster(tmp_path):
     items = source.items(data)
     missing = Path(items[1].files["image"])
     missing.unlink()
-    batch = {"id": np.array([i.id for i in items], dtype=object),
-             "split": np.array([i.split for i in items], dtype=object),
-             "label": np.array([i.label for i in items], dtype=np.float32),
-             "file_image": np.array([i.files["image"] for i in items], dtype=object),
-             "inline_image": np.array([""] * 4, dtype=object),
-             "file_text": np.array([""] * 4, dtype=object),
-             "inline_text": np.array([i.inline["text"] for i in items], dtype=object)}
-    out = Featurizer(source.spec(data).to_dict(), asdict(data))(batch)
+    out = featurize(source, data, items)
     assert list(out["error_file"]) == ["", str(missing), "", ""]
     np.testing.assert_array_equal(out["text"][2], tokenize("War story", data.text))
 
 
-@pytest.mark.ray
 def test_preprocess_with_clip_tokens_gives_multi_hot_shards(ray_local, tmp_path):
     root = write(tmp_path / "mmimdb")
     data = data_cfg(root, tmp_path, "data.text.tokenizer=open_clip", "data.text.max_tokens=32")

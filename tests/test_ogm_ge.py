@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
-from test_fusion_normal import ML_SPEC, SPEC, SPEC3, make_batch
 from torch import nn
 
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.ogm_ge import modulate_, ogm_coefficients, ogm_ratios, ogm_scores
+
+from helpers import ML_SPEC, SPEC, SPEC3, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 CPU = torch.device("cpu")

@@ -5,27 +5,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mmray.data.preprocess import Featurizer, preprocess
+from mmray.data.preprocess import preprocess
 from mmray.data.reader import collate, load_manifest, ray_dataset, read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.synthetic import generate
-from mmray.pipeline_support import SMOKE_OVERRIDES
-from mmray.train.experiment import load_experiment
 
-pytestmark = pytest.mark.ray
+from helpers import featurize, smoke_experiment
 
 
 def _data_cfg(tmp_path, *extra):
-    cfg = load_experiment(None, [*SMOKE_OVERRIDES, "data.synthetic.num_samples=40",
-                             f"data.root={tmp_path / 'raw'}", f"data.data_dir={tmp_path / 'shards'}",
-                             *extra])
+    cfg = smoke_experiment(tmp_path, "data.synthetic.num_samples=40", *extra)
     generate(cfg.data.synthetic, cfg.data.root)
     return cfg.data
 
@@ -143,13 +138,7 @@ def test_featurizer_names_a_missing_file_instead_of_raising(tmp_path):
     items = source.items(data)[:3]
     missing = Path(items[1].files["image"])
     missing.unlink()
-    batch = {"id": np.array([i.id for i in items], dtype=object),
-             "split": np.array([i.split for i in items], dtype=object),
-             "label": np.array([i.label for i in items])}
-    for m in ("audio", "image"):
-        batch[f"file_{m}"] = np.array([i.files[m] for i in items], dtype=object)
-        batch[f"inline_{m}"] = np.array(["", "", ""], dtype=object)
-    out = Featurizer(source.spec(data).to_dict(), asdict(data))(batch)
+    out = featurize(source, data, items)
     assert list(out["error_file"]) == ["", str(missing), ""]
     assert out["error"][0] == "" and str(missing) in out["error"][1]
     assert out["image"].shape[0] == 3 and np.abs(out["image"][0]).sum() > 0

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fusion_normal import ML_SPEC, SPEC, SPEC3, make_batch
 
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.qmf import LossHistory, confidence_fusion, energy_confidence, rank_loss
+
+from helpers import ML_SPEC, SPEC, SPEC3, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 CTX = StepContext(device=torch.device("cpu"))

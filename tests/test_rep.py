@@ -6,19 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_map import CPU, PATCHES, SPEC, batch, block_inputs
 
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, build_method
 from mmray.methods.rep import ResidualNet, replay, separation_loss
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 
-CASES = torch.tensor([COMPLETE, MISSING_TEXT, MISSING_IMAGE])  # the cases of batch()
+from helpers import CLIP_PATCHES, CPU, SPEC_IT, block_inputs, clip_batch
+
+CASES = torch.tensor([COMPLETE, MISSING_TEXT, MISSING_IMAGE])  # the cases of clip_batch()
 
 
 def make_rep(**options):
     torch.manual_seed(0)
-    return build_method(SPEC, ModelConfig(), MethodConfig("rep", "concat", options))
+    return build_method(SPEC_IT, ModelConfig(), MethodConfig("rep", "concat", options))
 
 
 def test_replay_and_separation_by_hand():
@@ -67,8 +68,8 @@ def test_private_buffers_per_case_and_their_replay_across_depth():
 def test_buffers_are_inserted_at_the_configured_layers_and_lengths():
     method = make_rep(private_length=3, shared_length=2, dynamic_length=4)
     rb = method.replay_buffers
-    b = batch()
-    for role, n in (("image", PATCHES), ("text", 32)):
+    b = clip_batch()
+    for role, n in (("image", CLIP_PATCHES), ("text", 32)):
         seen = block_inputs(method, role, b)
         with torch.no_grad():
             chain = rb.private_chain(CASES)
@@ -79,7 +80,7 @@ def test_buffers_are_inserted_at_the_configured_layers_and_lengths():
         torch.testing.assert_close(seen[1][:, :3], chain[1][role])  # replayed at layer 1
     one = make_rep(private_length=3, shared_length=2, dynamic_length=4, depth=1)
     seen = block_inputs(one, "image", b)
-    assert [s.shape[1] for s in seen] == [9 + PATCHES] * 2
+    assert [s.shape[1] for s in seen] == [9 + CLIP_PATCHES] * 2
     assert len(one.replay_buffers.private_chain(CASES)) == 1
 
 
@@ -88,8 +89,8 @@ def test_shared_buffers_and_dynamic_queries_follow_the_case():
     method.eval()
     rb = method.replay_buffers
     with torch.no_grad():
-        x0 = method.tower("image").embed(batch()["inputs"]["image"])
-        x0_text = method.tower("text").embed(batch()["inputs"]["text"])
+        x0 = method.tower("image").embed(clip_batch()["inputs"]["image"])
+        x0_text = method.tower("text").embed(clip_batch()["inputs"]["text"])
         inserts, layer0 = rb(CASES, {"image": x0, "text": x0_text})
         t = rb.towers["image"]
         for i, c in enumerate(CASES.tolist()):
@@ -117,7 +118,7 @@ def test_alpha_queries_and_buffers_train_while_clip_stays_frozen():
     assert not any(m.training for t in method.encoders.values() for m in t.modules())
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
-    logs = method.train_step(batch(), opt, CPU)
+    logs = method.train_step(clip_batch(), opt, CPU)
     torch.testing.assert_close(logs["loss"], logs["loss/task"] + 0.5 * logs["rep/separation"])
     rb = method.replay_buffers
     assert rb.alpha.item() != 0.5
@@ -142,7 +143,7 @@ def test_reference_behaviour_flags():
     assert tuned <= set(method.state_dict())  # trained, so checkpointed
     before = method.replay_buffers.towers["image"].queries.clone()
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
-    method.train_step(batch(), opt, CPU)
+    method.train_step(clip_batch(), opt, CPU)
     assert torch.equal(before, method.replay_buffers.towers["image"].queries)
 
 
@@ -150,7 +151,7 @@ def test_reference_behaviour_flags():
 def test_a_kind_of_token_can_be_left_out(lengths):
     p, s, d = lengths
     method = make_rep(private_length=p, shared_length=s, dynamic_length=d)
-    seen = block_inputs(method, "text", batch())
+    seen = block_inputs(method, "text", clip_batch())
     assert [x.shape[1] for x in seen] == [p + s + d + 32] * 2
     opt = torch.optim.AdamW([q for q in method.parameters() if q.requires_grad], lr=1e-2)
-    assert torch.isfinite(method.train_step(batch(), opt, CPU)["loss"])
+    assert torch.isfinite(method.train_step(clip_batch(), opt, CPU)["loss"])

@@ -24,6 +24,8 @@ from mmray.tracking import mlflow_log as ml
 from mmray.tracking.mlflow_read import child_runs, latest_parent
 from mmray.tune.grid import AblationConfig
 
+from helpers import load_pipeline
+
 GRID = {"method.name": ["normal", "ogm_ge"], "data.missing.test_rate": [0.0, 0.5], "seed": [0, 1, 2]}
 # (method, rate) -> test/acc per seed; ogm_ge at rate 0.5 has no finished seed 2
 TEST_ACC = {("normal", "0.0"): [0.80, 0.70, 0.75], ("ogm_ge", "0.0"): [0.85, 0.78, 0.79],
@@ -238,11 +240,7 @@ def test_bad_baseline_is_rejected_naming_the_key(baseline, message):
 
 
 def test_report_pipeline_prints_the_table_on_demand(sweep, tmp_path, monkeypatch, capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-    import report as report_script
+    report_script = load_pipeline("report")
 
     cfg = tmp_path / "abl.yaml"
     cfg.write_text(json.dumps({"name": "abl", "grid": GRID}))

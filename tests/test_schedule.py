@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fusion_normal import SPEC
 
 from mmray.train.experiment import load_experiment
 from mmray.train.loop import build_state, warmup_linear
+
+from helpers import SPEC
 
 
 def test_warmup_then_linear_decay_by_hand():

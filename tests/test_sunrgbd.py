@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,12 @@ import pytest
 from PIL import Image
 
 from mmray.data.features import DepthFeatures, depth_features, load_depth
-from mmray.data.preprocess import Featurizer, preprocess
+from mmray.data.preprocess import preprocess
 from mmray.data.reader import read_split, spec_of
 from mmray.data.sources import get_source
 from mmray.train.experiment import load_experiment
+
+from helpers import data_config, featurize
 
 SCENES = ("bedroom", "kitchen", "living_room")
 
@@ -60,10 +61,8 @@ def _dataset(root: Path, per_scene: int = 4) -> dict[str, list[str]]:
 
 
 def _data(root: Path, tmp_path: Path, *extra: str):
-    return load_experiment(None, [
-        "data.dataset=sunrgbd", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
-        "data.image.size=8", "data.depth.size=8", "data.depth.rotate_bits=3",
-        "data.parallelism=1", *extra]).data
+    return data_config("sunrgbd", root, tmp_path, "data.image.size=8", "data.depth.size=8",
+                       "data.depth.rotate_bits=3", *extra)
 
 
 # -- the depth featurizer ---------------------------------------------------------------------
@@ -189,13 +188,7 @@ def test_featurizer_gives_disparity_and_names_a_missing_depth_png(tmp_path):
     source = get_source("sunrgbd")
     items = source.items(data)
     assert items[1].files["depth"] == str(nodepth.resolve() / "depth" / "b.png")  # expected path
-    batch = {"id": np.array([i.id for i in items], dtype=object),
-             "split": np.array([i.split for i in items], dtype=object),
-             "label": np.array([i.label for i in items])}
-    for m in ("image", "depth"):
-        batch[f"file_{m}"] = np.array([i.files[m] for i in items], dtype=object)
-        batch[f"inline_{m}"] = np.array([""] * 2, dtype=object)
-    out = Featurizer(source.spec(data).to_dict(), asdict(data))(batch)
+    out = featurize(source, data, items)
     expected = np.full((8, 8), 0.5 / 2.0, np.float32)  # min_depth / 2 m
     expected[0, :] = 0.0  # the row with no reading (nearest resize of 12 rows to 8 keeps row 0)
     np.testing.assert_allclose(out["depth"][0, 0], expected)
@@ -203,7 +196,6 @@ def test_featurizer_gives_disparity_and_names_a_missing_depth_png(tmp_path):
     assert f"cannot read depth file {items[1].files['depth']}" in out["error"][1]
 
 
-@pytest.mark.ray
 def test_preprocess_shapes_match_spec(ray_local, tmp_path):
     root = tmp_path / "SUNRGBD"
     _dataset(root, per_scene=3)
@@ -240,7 +232,6 @@ def test_a_depth_modality_gets_an_encoder():
     assert out.per_modality["depth"].shape == (2, 3)
 
 
-@pytest.mark.ray
 def test_fusion_level_dynmm_trains_on_rgb_depth_through_the_pipeline(ray_local, tmp_path):
     """DynMM's fusion level (METHODS.md §5) on an RGB-depth pair: SUN RGB-D files -> shards ->
     the training loop, with the gate's choices and their measured costs logged."""

@@ -13,6 +13,8 @@ from mmray.data.reader import read_split, spec_of
 from mmray.methods import METHODS, MethodConfig, build_method
 from mmray.train.loop import run_local
 
+from helpers import load_pipeline
+
 
 def test_local_run_trains_and_reports_every_metric(tiny_data, tmp_path):
     cfg, prepared = tiny_data
@@ -132,13 +134,8 @@ def test_different_seed_changes_the_run(tiny_data, tmp_path):
     assert a[-1]["train/loss"] != b[-1]["train/loss"]
 
 
-@pytest.mark.ray
 def test_ray_train_run_logs_epochs_to_mlflow(tiny_data, tmp_path, monkeypatch):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-    import train as train_script
+    train_script = load_pipeline("train")
 
     cfg, prepared = tiny_data
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,148 @@
+"""Builders that several test files share. Test files import them from here (and Ray process
+helpers from ray_procs), never from one another.
+
+- specs and batches for the methods, in plain torch: a toy audio-image task and its variants, and
+  image-text at the tiny CLIP's input sizes with missing-modality cases;
+- fixture datasets in the real layouts: the data config at fixture sizes, the featurizer run on
+  listed items the way preprocessing's actors run it (without Ray), a noise WAV;
+- the scripts of pipelines/ loaded as modules (they are run by path, not installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import soundfile
+import torch
+
+from mmray.data.spec import DatasetSpec, ModalitySpec
+from mmray.methods import StepContext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- specs and batches ------------------------------------------------------------------------
+
+SPEC = DatasetSpec("toy", {"audio": ModalitySpec("audio", (1, 12, 8)),
+                           "image": ModalitySpec("image", (3, 8, 8))}, num_classes=3)
+SPEC3 = DatasetSpec("toy3", {**SPEC.modalities, "text": ModalitySpec("text", (6,), vocab_size=50)},
+                    num_classes=3)
+ML_SPEC = DatasetSpec("ml", SPEC.modalities, num_classes=4, multilabel=True)
+# Image-text at the tiny CLIP's input sizes (32 px, 32 open_clip tokens): what MAP and REP need.
+SPEC_IT = DatasetSpec("toy_it", {"image": ModalitySpec("image", (3, 32, 32)),
+                                 "text": ModalitySpec("text", (32,), vocab_size=49408)}, num_classes=3)
+CPU = StepContext(device=torch.device("cpu"))
+CLIP_PATCHES = 17  # class token + 16 patches of the tiny CLIP
+
+
+def make_batch(spec: DatasetSpec, b: int = 6, seed: int = 0) -> dict:
+    """Random inputs of every modality of `spec`, all present, and random labels."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for m, s in spec.modalities.items():
+        if s.kind == "text":
+            inputs[m] = torch.randint(0, s.vocab_size, (b, *s.shape), generator=g)
+        else:
+            inputs[m] = torch.randn(b, *s.shape, generator=g)
+    label = (torch.randint(0, 2, (b, spec.num_classes), generator=g).float() if spec.multilabel
+             else torch.randint(0, spec.num_classes, (b,), generator=g))
+    return {"inputs": inputs, "present": {m: torch.ones(b, dtype=torch.bool) for m in spec.modalities},
+            "label": label, "id": [f"s{i}" for i in range(b)]}
+
+
+def clip_batch(present_image=(1, 1, 0), present_text=(1, 0, 1), seed: int = 0) -> dict:
+    """SPEC_IT inputs for three samples: complete, text missing, image missing (by default).
+    Missing inputs are filled as the missing tables fill them: an all-ones image, the tokens of an
+    empty string."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(present_image)
+    img = torch.randn(b, 3, 32, 32, generator=g)
+    txt = torch.zeros(b, 32, dtype=torch.long)
+    txt[:, 0], txt[:, 1:6], txt[:, 6] = 49406, torch.randint(1, 40000, (b, 5), generator=g), 49407
+    pi, pt = torch.tensor(present_image).bool(), torch.tensor(present_text).bool()
+    img[~pi] = 1.0
+    txt[~pt] = torch.tensor([49406, 49407] + [0] * 30)
+    return {"inputs": {"image": img, "text": txt}, "present": {"image": pi, "text": pt},
+            "label": torch.tensor([0, 1, 2][:b]), "id": [f"s{i}" for i in range(b)]}
+
+
+def block_inputs(method, role: str, b: dict) -> list[torch.Tensor]:
+    """The token sequence entering each residual block of a CLIP method's `role` tower."""
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda m, a: seen.append(a[0]) and None)
+             for blk in method.tower(role).resblocks()]
+    try:
+        method.eval()
+        with torch.no_grad():
+            method(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+# -- fixture datasets -------------------------------------------------------------------------
+
+
+def data_config(dataset: str, root: Path, tmp_path: Path, *overrides: str):
+    """The data config of `dataset` read from fixture files under `root`, shards under
+    `tmp_path`/shards, in one read task (a fixture is a few files); `overrides` last."""
+    from mmray.train.experiment import load_experiment
+
+    return load_experiment(None, [
+        f"data.dataset={dataset}", f"data.root={root}", f"data.data_dir={tmp_path / 'shards'}",
+        "data.parallelism=1", *overrides]).data
+
+
+def smoke_experiment(folder: Path, *overrides: str):
+    """The experiment that `--smoke` runs (tiny model, few samples and epochs), on raw files under
+    `folder`/raw and shards under `folder`/shards; `overrides` last."""
+    from mmray.pipeline_support import SMOKE_OVERRIDES
+    from mmray.train.experiment import load_experiment
+
+    return load_experiment(None, [*SMOKE_OVERRIDES, f"data.root={folder / 'raw'}",
+                                  f"data.data_dir={folder / 'shards'}", *overrides])
+
+
+def ids_by_split(items) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for it in items:
+        out.setdefault(it.split, []).append(it.id)
+    return out
+
+
+def featurize(source, data, items) -> dict:
+    """The featurizer on `items`, as one batch of the rows that preprocessing's actors get: per
+    modality a file path or an inline value, whichever the item has."""
+    from mmray.data.preprocess import Featurizer
+
+    spec = source.spec(data)
+    batch = {"id": np.array([i.id for i in items], dtype=object),
+             "split": np.array([i.split for i in items], dtype=object),
+             "label": np.array([i.label for i in items], dtype=np.float32 if spec.multilabel else None)}
+    for m in spec.modalities:
+        batch[f"file_{m}"] = np.array([i.files.get(m, "") for i in items], dtype=object)
+        batch[f"inline_{m}"] = np.array([i.inline.get(m, "") for i in items], dtype=object)
+    return Featurizer(spec.to_dict(), asdict(data))(batch)
+
+
+def write_noise_wav(path: Path, rng: np.random.Generator, seconds: float, sample_rate: int) -> Path:
+    """Quiet white noise as 16-bit PCM, the format the datasets ship."""
+    noise = 0.1 * rng.standard_normal(int(sample_rate * seconds))
+    soundfile.write(path, noise, sample_rate, subtype="PCM_16")
+    return path
+
+
+# -- pipelines --------------------------------------------------------------------------------
+
+
+def load_pipeline(name: str) -> ModuleType:
+    """pipelines/<name>.py as a module, to call its functions in this process."""
+    path = ROOT / "pipelines" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
