@@ -3,6 +3,8 @@ resuming selects exactly the same. Plain torch: `fit` on in-memory batches."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -55,10 +57,8 @@ def _run(select: str, monkeypatch, stop_after: int | None = None, state=None):
             raise Stop
 
     ctx = loop.make_context(cfg.train, torch.device("cpu"))
-    try:
+    with contextlib.suppress(Stop):
         loop.fit(cfg, state, _batches, report, ctx)
-    except Stop:
-        pass
     return state, seen
 
 
@@ -103,3 +103,13 @@ def test_an_ablation_selects_epochs_by_its_search_metric():
 
     abl = load_ablation("configs/ablations/demo.yaml", ["search.metric=val/loss", "search.mode=min"])
     assert (abl.experiment.train.select_metric, abl.experiment.train.select_mode) == ("val/loss", "min")
+
+
+def test_the_report_states_the_epoch_rule():
+    from mmray.report.compare import ReportOptions
+    from mmray.report.writer import protocol_text
+
+    best = protocol_text(ReportOptions(search_metric="val/f1_macro", epoch_select="best_val"), 4, 2)
+    assert "epoch with the best validation `val/f1_macro` (train.select=best_val)" in best
+    assert "of its last epoch (train.select=last)" in protocol_text(
+        ReportOptions(epoch_select="last"), 4, 2)

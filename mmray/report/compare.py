@@ -66,6 +66,8 @@ class ReportOptions:
     baseline: tuple[str, str] | None = None
     # Main metrics (tested, plotted); empty: the search metric with val/ replaced by test/.
     metrics: tuple[str, ...] = ()
+    # Which epoch of a run its test metrics come from (train.select): best_val or last.
+    epoch_select: str = "best_val"
 
     @property
     def main_metrics(self) -> list[str]:

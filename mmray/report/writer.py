@@ -42,7 +42,8 @@ def report_options(abl: AblationConfig) -> ReportOptions:
     return ReportOptions(search_metric=abl.search.metric, mode=abl.search.mode,
                          axes=tuple(abl.grid), baseline=resolve_baseline(abl),
                          values={k: [value_label(v) for v in vs] for k, vs in abl.grid.items()},
-                         metrics=tuple(abl.report.metrics))
+                         metrics=tuple(abl.report.metrics),
+                         epoch_select=abl.experiment.train.select)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,10 +191,16 @@ class Report:
     images: list[Image] = field(default_factory=list)
 
 
+# How a run's reported epoch is chosen (train.select), as the report states it.
+EPOCH_RULE = {"best_val": "of its epoch with the best validation `{}` (train.select=best_val)",
+              "last": "of its last epoch (train.select=last)"}
+
+
 def protocol_text(options: ReportOptions, n_trials: int, n_cells: int) -> str:
     return (f"{n_trials} selected runs in {n_cells} grid cells. Protocol: per grid cell and seed, "
             f"the trial with the best validation `{options.search_metric}` ({options.mode}) is "
-            "kept; its final (test) metrics are aggregated over seeds: mean ± sample std "
+            f"kept; its test metrics, {EPOCH_RULE[options.epoch_select].format(options.search_metric)}, "
+            "are aggregated over seeds: mean ± sample std "
             f"[{CI_NAME} of the mean, Student t with n − 1 df]. Test metrics never select.")
 
 
@@ -299,6 +306,7 @@ def report_json(results: list[CellResult], options: ReportOptions, axes: list[st
     return {
         "protocol": {"search_metric": options.search_metric, "mode": options.mode,
                      "selection": "best validation search metric per (cell, seed)",
+                     "epoch": options.epoch_select,
                      "ci_level": stats.LEVEL, "test": "two-sided paired t-test, Holm per metric"},
         "axes": axes, "main_metrics": options.main_metrics,
         "baseline": dict(zip(("axis", "value"), options.baseline)) if options.baseline else None,
