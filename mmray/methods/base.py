@@ -2,7 +2,9 @@
 
 A method owns its model, its training step and any state it keeps across steps. It never imports
 ray or mlflow: the training loop hands it a `StepContext` for backward/step (mixed precision,
-gradient averaging across workers) and logs whatever dict `train_step` returns.
+gradient averaging across workers) and logs whatever dict `train_step` returns. Every train step,
+however the method computes its loss or edits its gradients, ends in `Method.backward_and_step`:
+the one place where gradients are made, averaged across workers, measured and applied.
 """
 
 from __future__ import annotations
@@ -148,23 +150,34 @@ class Method(nn.Module):
             return F.binary_cross_entropy_with_logits(logits.float(), label.float())
         return F.cross_entropy(logits.float(), label)
 
-    def forward_backward(self, batch: Batch, optimizer: torch.optim.Optimizer,
-                         ctx: StepContext) -> tuple[Output, torch.Tensor]:
-        """Forward, loss on the fused logits, fresh gradients: the first half of a joint step."""
+    def fused_loss(self, batch: Batch, ctx: StepContext) -> tuple[Output, torch.Tensor]:
+        """Forward and the loss on the fused logits: what a joint step minimises."""
         with ctx.autocast():
             out = self(batch)
-        loss = self.criterion(out.logits, batch["label"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return out, loss
+        return out, self.criterion(out.logits, batch["label"])
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                          ctx: StepContext, logs: dict | None = None) -> dict:
-        """How a train step ends: fresh gradients of `loss`, averaged across workers, the
-        encoders' gradient norms taken, one optimizer step. Returns {"loss", **logs (detached),
-        "grad/<m>"}: the values to log."""
+                          ctx: StepContext, logs: dict | None = None,
+                          edit_grads: Callable[[], None] | None = None) -> dict:
+        """How every train step ends, and the only place gradients are made and applied:
+
+        1. fresh gradients of `loss` (`zero_grad(set_to_none=True)`, so a parameter the loss
+           does not reach has none and the optimizer skips it), then backward;
+        2. `edit_grads()`, the method's own change of this worker's gradients (OGM-GE's
+           modulation and noise, MLA's head projection). It runs before the average: each worker
+           edits with what it computed from its own batch, and averaging the edited gradients
+           keeps the parameters identical on every worker;
+        3. `ctx.sync_grads(self)`: the average across Ray Train workers;
+        4. the encoders' gradient norms, of the gradient the step applies;
+        5. one optimizer step.
+
+        A method that steps several times per batch (MLA: once per modality) calls this once per
+        step. Returns {"loss", **logs (detached), "grad/<m>"}: the values to log.
+        """
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if edit_grads is not None:
+            edit_grads()
         ctx.sync_grads(self)
         out = {"loss": loss.detach(),
                **{k: v.detach() if torch.is_tensor(v) else v for k, v in (logs or {}).items()},
@@ -173,18 +186,16 @@ class Method(nn.Module):
         return out
 
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
-        """One optimisation step on one batch; returns the values to log."""
-        _, loss = self.forward_backward(batch, optimizer, ctx)
-        ctx.sync_grads(self)
-        logs = {"loss": loss.detach(), **self.grad_norms()}
-        optimizer.step()
-        return logs
+        """One optimisation step on one batch; returns the values to log. A method with its own
+        loss or gradient edits overrides this and still ends with `backward_and_step`."""
+        _, loss = self.fused_loss(batch, ctx)
+        return self.backward_and_step(loss, optimizer, ctx)
 
     def grad_norms(self) -> dict[str, torch.Tensor]:
         """{"grad/<m>": L2 norm of encoder m's current gradients} (0 where it has none).
 
-        Call it right before `optimizer.step()`, so it reports the gradient the step applies. The
-        norms stay on the device: no host sync per step (the loop averages them once an epoch).
+        `backward_and_step` calls it right before the optimizer step, so it reports the gradient
+        the step applies. The norms stay on the device: no host sync per step (the loop averages them once an epoch).
         """
         norms = {}
         for m in self.modalities:

@@ -47,9 +47,10 @@ Where mmray differs from the reference implementation:
   reference deletes gradients only at the end of each batch; under PyTorch < 2.0, whose
   `zero_grad` zeroed instead of deleting, an encoder was also stepped with a zero gradient at the
   later modalities' steps.)
-- With several Ray Train workers the projection uses each worker's own P and runs before
-  `ctx.sync_grads`, so the averaged gradient, and hence the parameters, stay identical on every
-  worker; the checkpoint holds one worker's P.
+- With several Ray Train workers the projection uses each worker's own P and runs before the
+  gradients are averaged (the `edit_grads` hook of `backward_and_step`), so the averaged
+  gradient, and hence the parameters, stay identical on every worker; the checkpoint holds one
+  worker's P.
 - `method.fusion` is not used: MLA has one shared head and fuses at the logit level.
 - The logged `loss` is the mean of the unimodal losses (the reference logs the fixed-weight mix).
 """
@@ -227,19 +228,20 @@ class MLA(Method):
                 logits = self.head(feats[m])
             present = batch["present"][m].to(feats[m].device)
             loss_m = self.masked_loss(logits, batch["label"], present)
-            optimizer.zero_grad(set_to_none=True)
+            r = self._mean_feature(feats[m], present)
+
+            def project(r: torch.Tensor = r) -> None:
+                # Before the average: see the module docstring.
+                if self.options.update_first:
+                    self.projector.copy_(projector_update(self.projector, r, alpha))
+                project_gradient_(self.head, self.projector)
+
             # Each encoder's graph is separate and used once, so no retain_graph is needed; the
             # other encoders' gradients stay None and the optimizer skips them.
-            loss_m.backward()
-            r = self._mean_feature(feats[m], present)
-            if self.options.project and self.options.update_first:
-                self.projector.copy_(projector_update(self.projector, r, alpha))
-            if self.options.project:
-                project_gradient_(self.head, self.projector)
-            ctx.sync_grads(self)  # after projecting: see the module docstring
-            logs[f"loss/{m}"] = loss_m.detach()
-            logs[f"grad/{m}"] = self.grad_norms()[f"grad/{m}"]
-            optimizer.step()
+            step = self.backward_and_step(loss_m, optimizer, ctx,
+                                          edit_grads=project if self.options.project else None)
+            logs[f"loss/{m}"] = step["loss"]
+            logs[f"grad/{m}"] = step[f"grad/{m}"]
             if self.options.project and not self.options.update_first:
                 self.projector.copy_(projector_update(self.projector, r, alpha))
         logs["loss"] = torch.stack([logs[f"loss/{m}"] for m in self.order]).mean()

@@ -25,8 +25,9 @@ Where mmray differs from the reference implementation:
   its `+1e-8` (a zero std gives zero noise). Single-element gradients get no noise (their std is
   undefined).
 - With several Ray Train workers the coefficients come from each worker's own batch; gradients are
-  modulated *before* `ctx.sync_grads`, so the averaged gradient, and hence the parameters, stay
-  identical on every worker (with one worker this is exactly the reference's order).
+  modulated *before* they are averaged (the `edit_grads` hook of `backward_and_step`), so the
+  averaged gradient, and hence the parameters, stay identical on every worker (with one worker
+  this is exactly the reference's order).
 - Multi-label datasets are rejected: s_m is defined through the softmax probability of one label.
 """
 
@@ -134,20 +135,21 @@ class OGMGE(Normal):
         return self.options.modulation_starts <= epoch < self.options.modulation_ends
 
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
-        out, loss = self.forward_backward(batch, optimizer, ctx)
+        out, loss = self.fused_loss(batch, ctx)
         scores = ogm_scores(out.per_modality, batch["label"])
         ratios = ogm_ratios(scores)
         coeffs = ogm_coefficients(scores, self.options.alpha)
-        if self.active(ctx.epoch):
+
+        def modulate() -> None:
+            # Before the average: each worker scales its own gradient by its own k, so the
+            # average is the same on every worker (see the module docstring).
             for m in self.modalities:
                 modulate_(self.encoders[m].parameters(), coeffs[m],
                           self.options.gaussian_enhance, self.options.conv_only)
-        # After modulation: each worker scaled its own gradient by its own k, so the average is
-        # the same on every worker (see the module docstring).
-        ctx.sync_grads(self)
-        logs = {"loss": loss.detach(), **self.grad_norms()}
-        optimizer.step()
+
+        logs = {}
         for m in self.modalities:
             logs[f"ogm/coeff_{m}"] = coeffs[m]
             logs[f"ogm/ratio_{m}"] = ratios[m]
-        return logs
+        return self.backward_and_step(loss, optimizer, ctx, logs,
+                                      edit_grads=modulate if self.active(ctx.epoch) else None)

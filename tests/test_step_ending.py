@@ -1,0 +1,181 @@
+"""One way a train step ends (`Method.backward_and_step`): fresh gradients, the method's gradient
+edits, the average across workers, the gradient norms, one optimizer step; and no method file
+backpropagates or steps anywhere else."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmray.methods
+from mmray.data.spec import DatasetSpec, ModalitySpec
+from mmray.encoders import ModelConfig
+from mmray.methods import METHODS, MethodConfig, StepContext, build_method
+from mmray.methods.base import Method
+
+METHODS_DIR = Path(mmray.methods.__file__).parent
+ENDING = ("base.py", "Method.backward_and_step")
+# Calls that make, average or apply gradients: only the ending may make them. `.step(` counts on
+# an optimizer (or a grad scaler); a module's own `step` (REP's TowerBuffers.step) is no update.
+GRADIENT_CALLS = {"backward", "zero_grad", "sync_grads", "grad"}
+STEPPERS = ("optimizer", "opt", "scaler")
+MODEL = ModelConfig(width=4, feature_dim=8)
+CPU = torch.device("cpu")
+AV = DatasetSpec("av", {"audio": ModalitySpec("audio", (1, 12, 8)),
+                        "image": ModalitySpec("image", (3, 8, 8))}, num_classes=3)
+# Image-text at the tiny CLIP's input sizes (32 px, 32 open_clip tokens): what MAP and REP need.
+IT = DatasetSpec("it", {"image": ModalitySpec("image", (3, 32, 32)),
+                        "text": ModalitySpec("text", (32,), vocab_size=49408)}, num_classes=3)
+
+
+def batch_of(spec: DatasetSpec, b: int = 6, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    inputs = {m: torch.randint(0, s.vocab_size, (b, *s.shape), generator=g) if s.kind == "text"
+              else torch.randn(b, *s.shape, generator=g) for m, s in spec.modalities.items()}
+    return {"inputs": inputs, "present": {m: torch.ones(b, dtype=torch.bool) for m in inputs},
+            "label": torch.randint(0, spec.num_classes, (b,), generator=g),
+            "id": [f"s{i}" for i in range(b)]}
+
+
+def _gradient_calls(path: Path) -> list[tuple[str, str, int]]:
+    """(enclosing Class.function, called name, line) of every gradient call in a source file."""
+    found = []
+
+    def visit(node: ast.AST, scope: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = scope
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = f"{scope}.{child.name}" if scope else child.name
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                name = child.func.attr
+                receiver = ast.unparse(child.func.value).rsplit(".", 1)[-1]
+                if name in GRADIENT_CALLS or (name == "step" and receiver.endswith(STEPPERS)):
+                    found.append((scope, name, child.lineno))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text()), "")
+    return found
+
+
+def test_only_the_base_ending_backpropagates_averages_and_steps():
+    outside, steps = [], []
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        for scope, name, line in _gradient_calls(path):
+            if (path.name, scope) == ENDING:
+                steps += [name] if name == "step" else []
+            else:
+                outside.append(f"{path.name}:{line} {scope or '<module>'} calls .{name}(")
+    assert not outside, ("gradients are made and applied only in Method.backward_and_step; "
+                         "pass a gradient edit as its edit_grads hook instead: " + "; ".join(outside))
+    assert steps == ["step"], "Method.backward_and_step must call optimizer.step() exactly once"
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Plain SGD that records, at each step, the gradients it applies and the step's place in
+    the shared event log."""
+
+    def __init__(self, params, events: list[str]):
+        super().__init__(params, lr=0.1)
+        self.events = events
+        self.applied: list[dict[int, torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.events.append("step")
+        self.applied.append({id(p): p.grad.clone() for g in self.param_groups
+                             for p in g["params"] if p.grad is not None})
+        return super().step(closure)
+
+
+def _grads(method: Method) -> dict[int, torch.Tensor]:
+    return {id(p): p.grad.clone() for p in method.parameters() if p.grad is not None}
+
+
+def test_the_ending_edits_then_averages_then_measures_and_steps():
+    torch.manual_seed(0)
+    method = build_method(AV, MODEL, MethodConfig("normal"))
+    batch = batch_of(AV)
+    _, loss = method.fused_loss(batch, StepContext(device=CPU))
+    loss.backward(retain_graph=True)
+    fresh = _grads(method)  # what one clean backward gives
+    for p in method.parameters():  # stale gradients the ending must not add to
+        p.grad = torch.full_like(p, 7.0)
+
+    events: list[str] = []
+    seen: dict[str, dict[int, torch.Tensor]] = {}
+    audio = {id(p) for p in method.encoders["audio"].parameters()}
+
+    def edit() -> None:
+        events.append("edit")
+        seen["edit"] = _grads(method)
+        for p in method.encoders["audio"].parameters():
+            p.grad.mul_(3.0)
+
+    def average(module) -> None:  # as if a second worker contributed zero gradients
+        events.append("sync")
+        seen["sync"] = _grads(module)
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.div_(2.0)
+
+    opt = RecordingSGD(method.parameters(), events)
+    before = {id(p): p.detach().clone() for p in method.parameters()}
+    logs = method.backward_and_step(loss, opt, StepContext(device=CPU, sync_grads=average),
+                                    {"extra": loss * 2, "count": 3}, edit_grads=edit)
+
+    assert events == ["edit", "sync", "step"]
+    assert seen["edit"].keys() == fresh.keys()
+    for k, g in fresh.items():
+        torch.testing.assert_close(seen["edit"][k], g)  # fresh: the stale 7s are gone
+        edited = g * 3.0 if k in audio else g
+        torch.testing.assert_close(seen["sync"][k], edited)  # the average sees the edit
+        torch.testing.assert_close(opt.applied[0][k], edited / 2)  # the step, the average
+    for p in method.parameters():
+        torch.testing.assert_close(p.detach(), before[id(p)] - 0.1 * opt.applied[0][id(p)])
+    assert set(logs) == {"loss", "extra", "count", "grad/audio", "grad/image"}
+    torch.testing.assert_close(logs["loss"], loss.detach())
+    assert not logs["extra"].requires_grad and logs["count"] == 3
+    for m in ("audio", "image"):  # norms of the gradient the step applied
+        applied = [opt.applied[0][id(p)] for p in method.encoders[m].parameters()]
+        want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in applied]))
+        torch.testing.assert_close(logs[f"grad/{m}"], want)
+
+
+def test_without_an_edit_the_step_applies_the_averaged_gradient():
+    torch.manual_seed(0)
+    method = build_method(AV, MODEL, MethodConfig("normal"))
+    _, loss = method.fused_loss(batch_of(AV), StepContext(device=CPU))
+    loss.backward(retain_graph=True)
+    fresh = _grads(method)
+    events: list[str] = []
+    opt = RecordingSGD(method.parameters(), events)
+    ctx = StepContext(device=CPU, sync_grads=lambda module: events.append("sync"))
+    method.backward_and_step(loss, opt, ctx)
+    assert events == ["sync", "step"]
+    for k, g in fresh.items():
+        torch.testing.assert_close(opt.applied[0][k], g)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_steps_only_through_the_ending(name, monkeypatch):
+    spec = next((s for s in (AV, IT) if not METHODS[name].unsupported(s)), None)
+    if spec is None:
+        pytest.skip(f"{name} supports neither test dataset")
+    torch.manual_seed(0)
+    method = build_method(spec, MODEL, MethodConfig(name))
+    events: list[str] = []
+    ending = Method.backward_and_step
+
+    def counted(self, *args, **kwargs):
+        events.append("ending")
+        return ending(self, *args, **kwargs)
+
+    monkeypatch.setattr(Method, "backward_and_step", counted)
+    opt = RecordingSGD(method.param_groups(0.0), events)
+    logs = method.train_step(batch_of(spec), opt, StepContext(device=CPU))
+    # Every step is preceded by its own call of the ending (MLA: one per modality).
+    assert events and events[::2] == ["ending"] * (len(events) // 2)
+    assert events[1::2] == ["step"] * (len(events) // 2)
+    assert torch.isfinite(logs["loss"])
