@@ -76,11 +76,11 @@ def _ray_signs(config) -> set[str]:
     for children in Path("/proc/self/task").glob("*/children"):
         for pid in children.read_text().split():
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
             except OSError:
                 continue
-            if "raylet" in cmd or "gcs_server" in cmd:
-                signs.add(f"Ray daemon {pid}: {cmd[:80]}")
+            if Path(program).name in ("raylet", "gcs_server"):
+                signs.add(f"Ray daemon {pid}: {program}")
     if config.stash.get(_RAY_FREE, False):
         signs |= {f"{RAY_TMP}/{name}" for name in os.listdir(RAY_TMP)}
     return signs
