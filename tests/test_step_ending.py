@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import mmray.methods
-from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import METHODS, MethodConfig, StepContext, build_method
 from mmray.methods.base import Method
+
+from helpers import SPEC, SPEC_IT, make_batch
 
 METHODS_DIR = Path(mmray.methods.__file__).parent
 ENDING = ("base.py", "Method.backward_and_step")
@@ -24,20 +25,6 @@ GRADIENT_CALLS = {"backward", "zero_grad", "sync_grads", "grad"}
 STEPPERS = ("optimizer", "opt", "scaler")
 MODEL = ModelConfig(width=4, feature_dim=8)
 CPU = torch.device("cpu")
-AV = DatasetSpec("av", {"audio": ModalitySpec("audio", (1, 12, 8)),
-                        "image": ModalitySpec("image", (3, 8, 8))}, num_classes=3)
-# Image-text at the tiny CLIP's input sizes (32 px, 32 open_clip tokens): what MAP and REP need.
-IT = DatasetSpec("it", {"image": ModalitySpec("image", (3, 32, 32)),
-                        "text": ModalitySpec("text", (32,), vocab_size=49408)}, num_classes=3)
-
-
-def batch_of(spec: DatasetSpec, b: int = 6, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    inputs = {m: torch.randint(0, s.vocab_size, (b, *s.shape), generator=g) if s.kind == "text"
-              else torch.randn(b, *s.shape, generator=g) for m, s in spec.modalities.items()}
-    return {"inputs": inputs, "present": {m: torch.ones(b, dtype=torch.bool) for m in inputs},
-            "label": torch.randint(0, spec.num_classes, (b,), generator=g),
-            "id": [f"s{i}" for i in range(b)]}
 
 
 def _gradient_calls(path: Path) -> list[tuple[str, str, int]]:
@@ -95,8 +82,8 @@ def _grads(method: Method) -> dict[int, torch.Tensor]:
 
 def test_the_ending_edits_then_averages_then_measures_and_steps():
     torch.manual_seed(0)
-    method = build_method(AV, MODEL, MethodConfig("normal"))
-    batch = batch_of(AV)
+    method = build_method(SPEC, MODEL, MethodConfig("normal"))
+    batch = make_batch(SPEC)
     _, loss = method.fused_loss(batch, StepContext(device=CPU))
     loss.backward(retain_graph=True)
     fresh = _grads(method)  # what one clean backward gives
@@ -145,8 +132,8 @@ def test_the_ending_edits_then_averages_then_measures_and_steps():
 
 def test_without_an_edit_the_step_applies_the_averaged_gradient():
     torch.manual_seed(0)
-    method = build_method(AV, MODEL, MethodConfig("normal"))
-    _, loss = method.fused_loss(batch_of(AV), StepContext(device=CPU))
+    method = build_method(SPEC, MODEL, MethodConfig("normal"))
+    _, loss = method.fused_loss(make_batch(SPEC), StepContext(device=CPU))
     loss.backward(retain_graph=True)
     fresh = _grads(method)
     events: list[str] = []
@@ -160,7 +147,7 @@ def test_without_an_edit_the_step_applies_the_averaged_gradient():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_steps_only_through_the_ending(name, monkeypatch):
-    spec = next((s for s in (AV, IT) if not METHODS[name].unsupported(s)), None)
+    spec = next((s for s in (SPEC, SPEC_IT) if not METHODS[name].unsupported(s)), None)
     if spec is None:
         pytest.skip(f"{name} supports neither test dataset")
     torch.manual_seed(0)
@@ -174,7 +161,7 @@ def test_every_method_steps_only_through_the_ending(name, monkeypatch):
 
     monkeypatch.setattr(Method, "backward_and_step", counted)
     opt = RecordingSGD(method.param_groups(0.0), events)
-    logs = method.train_step(batch_of(spec), opt, StepContext(device=CPU))
+    logs = method.train_step(make_batch(spec), opt, StepContext(device=CPU))
     # Every step is preceded by its own call of the ending (MLA: one per modality).
     assert events and events[::2] == ["ending"] * (len(events) // 2)
     assert events[1::2] == ["step"] * (len(events) // 2)
