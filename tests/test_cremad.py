@@ -220,8 +220,7 @@ def test_the_balance_grid_runs_on_cremad_with_one_override_of_the_data_root(ray_
     from mmray.config import to_dict
     from mmray.pipeline_support import prepare_data
     from mmray.train.loop import run_local
-    from mmray.tune.grid import expand_grid
-    from mmray.tune.sweep import trial_experiment
+    from mmray.tune.grid import expand_grid, trial_experiment
 
     root = _write(tmp_path / "CREMA-D", _clips(4), frames=3)
     shrink = [f"data.data_dir={tmp_path / 'shards'}", "data.audio.seconds=0.25",

@@ -61,7 +61,7 @@ from torch import nn
 from mmray.config import path_field
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.encoders.pretrained import load_local_weights
+from mmray.encoders.pretrained import load_local_weights, timm_model_known
 from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 
 # timm ViT sub-layers of each block that M2PT re-parameterizes.
@@ -261,6 +261,14 @@ class M2PT(Method):
     name = "m2pt"
     Config = Config
     modalities_supported = (1, 2, 3)
+
+    @classmethod
+    def preflight(cls, options: dict[str, Any]) -> list[str]:
+        name = options.get("timm_name", Config.timm_name)
+        if timm_model_known(name):
+            return []
+        return [f"method.options.timm_name: unknown timm model {name!r}; e.g. "
+                "vit_base_patch16_224, or mmray_vit_tiny for tests"]
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__(spec, model_cfg, method_cfg)
