@@ -34,14 +34,20 @@ METHODS: dict[str, type[Method]] = {
 
 
 def check_method_config(cfg: MethodConfig, path: str, errors: list[str]) -> None:
-    """The method name is registered and its options fit its `Config`; the options become that
-    Config's full set of values (defaults filled in), so params and hashes record them all."""
+    """The method name is registered, its preset is one of its `presets`, and its options fit
+    its `Config`; the options become that Config's full set of values (defaults, then the
+    preset's, then those given), so params and hashes record them all."""
     if cfg.name not in METHODS:
         errors.append(f"{path}.name: unknown method {cfg.name!r}; known: {sorted(METHODS)}")
         return
-    opts_cls = METHODS[cfg.name].Config
-    cfg.options = dataclasses.asdict(convert(opts_cls, cfg.options, f"{path}.options", errors)
-                                     or opts_cls())
+    method = METHODS[cfg.name]
+    if cfg.preset and cfg.preset not in method.presets:
+        errors.append(f"{path}.preset: method {cfg.name} has no preset {cfg.preset!r}; accepted: "
+                      f"{sorted(method.presets) or 'none (it has no reference code to follow)'}")
+        return
+    given = {**method.presets.get(cfg.preset, {}), **cfg.options}
+    cfg.options = dataclasses.asdict(convert(method.Config, given, f"{path}.options", errors)
+                                     or method.Config())
 
 
 def build_method(spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig) -> Method:

@@ -30,8 +30,13 @@ class MethodConfig:
     name: str = "normal"
     # Late fusion of the per-modality features: concat (W[h_a; h_v] + b) or sum (Σ W_m h_m + b).
     fusion: Literal["concat", "sum"] = "concat"
+    # A named set of options of the method (`Method.presets`): "reference" runs what the
+    # reference code's latest commit runs, "paper" what the paper's equations say; empty: the
+    # method's Config defaults. Options given explicitly override the preset's.
+    preset: str = ""
     # Method-specific options, checked against that method's Config dataclass (where the
-    # registry is visible: `mmray.methods.check_method_config`).
+    # registry is visible: `mmray.methods.check_method_config`); after the check they hold
+    # every option's resolved value (Config defaults < preset < given), which runs record.
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,6 +80,10 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
+    # Named option sets (preset name -> the options it sets on top of the Config defaults); the
+    # docstring of the method says where each comes from. A method that has no reference code
+    # to follow has none.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # Modality counts the method is defined for (DynMM: (2,)); building it for a dataset with
     # another count raises a ValueError naming the dataset's modalities.
     modalities_supported: ClassVar[tuple[int, ...]] = (2, 3)

@@ -23,14 +23,17 @@ from mmray.train.experiment import ExperimentConfig, preflight
 
 def apply_grid_value(exp: dict, key: str, value: Any) -> dict:
     """`merge_path` of one grid value into an experiment dict; a value that switches the method
-    drops the base's method options first (they are options of the base's method)."""
-    if key == "method" and isinstance(value, Mapping):
-        name = value.get("name")
-    else:
-        name = value if key == "method.name" else None
+    or its preset drops the base's method options first (they are the resolved options of the
+    base's method and preset, and would override the new preset's)."""
+    switch = dict(value) if key == "method" and isinstance(value, Mapping) else (
+        {key.split(".")[1]: value} if key in ("method.name", "method.preset") else {})
     method = exp.get("method")
-    if name is not None and isinstance(method, dict) and method.get("name") != name:
-        method.pop("options", None)
+    if isinstance(method, dict):
+        if "name" in switch and method.get("name") != switch["name"]:
+            method.pop("preset", None)  # the base's preset is one of the base method's
+            method.pop("options", None)
+        elif "preset" in switch and method.get("preset", "") != switch["preset"]:
+            method.pop("options", None)
     return merge_path(exp, key, value)
 
 

@@ -1,0 +1,56 @@
+"""Method presets: a preset sets options on top of the Config defaults, options given explicitly
+win, unknown presets are refused naming the accepted ones, and grid values that switch the
+method or the preset start from that method's and preset's options."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mmray.config import ConfigError, to_dict
+from mmray.methods import METHODS
+from mmray.train.experiment import load_experiment
+from mmray.tune.grid import trial_experiment
+
+PRESETS = [(name, preset) for name, cls in sorted(METHODS.items()) for preset in sorted(cls.presets)]
+
+
+@pytest.mark.parametrize("name, preset", PRESETS, ids=[f"{n}-{p}" for n, p in PRESETS])
+def test_a_preset_resolves_to_its_options_and_an_explicit_option_wins(name, preset):
+    cls = METHODS[name]
+    cfg = load_experiment(None, [f"method.name={name}", f"method.preset={preset}"])
+    expected = {**dataclasses.asdict(cls.Config()), **cls.presets[preset]}
+    assert cfg.method.options == expected
+    key = next(f.name for f in dataclasses.fields(cls.Config) if f.type in ("bool", bool))
+    flipped = load_experiment(None, [f"method.name={name}", f"method.preset={preset}",
+                                     f"method.options.{key}={str(not expected[key]).lower()}"])
+    assert flipped.method.options == {**expected, key: not expected[key]}
+
+
+@pytest.fixture
+def toy_presets(monkeypatch):
+    ogm = METHODS["ogm_ge"]
+    monkeypatch.setattr(ogm, "presets", {"reference": {"conv_only": True, "alpha": 0.5},
+                                         "paper": {}})
+    return ogm
+
+
+def test_unknown_presets_name_the_accepted_ones(toy_presets):
+    with pytest.raises(ConfigError, match=r"method.preset: method ogm_ge has no preset 'ref'; "
+                                          r"accepted: \['paper', 'reference'\]"):
+        load_experiment(None, ["method.name=ogm_ge", "method.preset=ref"])
+    with pytest.raises(ConfigError, match="method normal has no preset 'paper'"):
+        load_experiment(None, ["method.preset=paper"])
+
+
+def test_grid_values_switching_preset_or_method_start_from_their_options(toy_presets):
+    base = to_dict(load_experiment(None, ["method.name=ogm_ge", "method.preset=reference",
+                                          "method.options.gaussian_enhance=false"]))
+    assert base["method"]["options"]["alpha"] == 0.5
+    paper = trial_experiment(base, {"method.preset": "paper"}, {})
+    assert paper.method.options["alpha"] == 0.8 and paper.method.options["conv_only"] is False
+    same = trial_experiment(base, {"method": {"preset": "reference"}}, {})
+    assert same.method.options["gaussian_enhance"] is False  # same preset: base options kept
+    normal = trial_experiment(base, {"method": {"name": "normal"}}, {})
+    assert normal.method.preset == "" and normal.method.options == {}
