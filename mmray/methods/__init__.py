@@ -18,6 +18,7 @@ from mmray.methods.ogm_ge import OGMGE
 from mmray.methods.qmf import QMF
 from mmray.methods.rep import REP
 from mmray.methods.reprogram import Reprogram
+from mmray.methods.unimodal import Unimodal, UnimodalEnsemble
 
 METHODS: dict[str, type[Method]] = {
     Normal.name: Normal,
@@ -30,6 +31,8 @@ METHODS: dict[str, type[Method]] = {
     REP.name: REP,
     M2PT.name: M2PT,
     Reprogram.name: Reprogram,
+    Unimodal.name: Unimodal,
+    UnimodalEnsemble.name: UnimodalEnsemble,
 }
 
 
