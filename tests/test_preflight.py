@@ -10,6 +10,8 @@ from mmray.config import ConfigError
 from mmray.train.experiment import load_experiment, preflight
 from mmray.tune.grid import load_ablation, preflight_ablation
 
+from helpers import load_pipeline
+
 
 def test_preflight_names_every_missing_file_and_unknown_name(tmp_path):
     cfg = load_experiment(None, [
@@ -55,24 +57,13 @@ def test_ablation_preflight_lists_each_problem_once_with_its_cells(tmp_path):
 def test_pipelines_fail_on_a_missing_file_before_ray_starts(tmp_path, capsys):
     import ray
 
-    ablate, train = _script("ablate"), _script("train")
+    ablate, train = load_pipeline("ablate"), load_pipeline("train")
     missing = f"method.options.aux_weights={tmp_path / 'aux.pt'}"
     assert ablate.main(["--config", "configs/ablations/m2pt.yaml", missing]) == 2
     assert train.main(["--config", "configs/methods/m2pt.yaml", missing]) == 2
     err = capsys.readouterr().err
     assert err.count("method.options.aux_weights") == 2 and "not found" in err
     assert not ray.is_initialized()
-
-
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"pipeline_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.ray
