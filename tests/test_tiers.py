@@ -1,5 +1,6 @@
 """The suite's own rules: two tiers (tests/conftest.py) that `make test-fast` and `make test` run,
-test files that import only the helper modules, and no test that edits sys.path."""
+no test file imported by another (shared builders live in helper modules such as tests/helpers.py),
+and no test that edits sys.path."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-HELPER_MODULES = {"helpers", "ray_procs"}
 
 
 def _imported_modules(tree: ast.AST) -> set[str]:
@@ -26,13 +26,15 @@ def _imported_modules(tree: ast.AST) -> set[str]:
     return names
 
 
-def test_test_files_import_only_the_helper_modules_and_leave_sys_path_alone():
-    local = {p.stem for p in TESTS.glob("*.py")} - HELPER_MODULES
+def test_no_test_file_imports_another_or_touches_sys_path():
+    files = sorted(TESTS.rglob("*.py"))
+    test_modules = {p.stem for p in files if p.name.startswith("test_") or p.name == "conftest.py"}
     wrong = []
-    for path in sorted(TESTS.glob("*.py")):
+    for path in files:
         tree = ast.parse(path.read_text(), str(path))
-        wrong += [f"{path.name} imports {name}" for name in sorted(_imported_modules(tree) & local)]
-        wrong += [f"{path.name}:{node.lineno} uses sys.path" for node in ast.walk(tree)
+        name = path.relative_to(TESTS)
+        wrong += [f"{name} imports {module}" for module in sorted(_imported_modules(tree) & test_modules)]
+        wrong += [f"{name}:{node.lineno} uses sys.path" for node in ast.walk(tree)
                   if isinstance(node, ast.Attribute) and node.attr == "path"
                   and isinstance(node.value, ast.Name) and node.value.id == "sys"]
     assert not wrong, "shared builders belong in tests/helpers.py: " + "; ".join(wrong)
