@@ -30,14 +30,14 @@ class MethodConfig:
     name: str = "normal"
     # Late fusion of the per-modality features: concat (W[h_a; h_v] + b) or sum (Σ W_m h_m + b).
     fusion: Literal["concat", "sum"] = "concat"
-    # A named set of options of the method (`Method.presets`): "reference" runs what the
-    # reference code's latest commit runs, "paper" what the paper's equations say; empty: the
-    # method's Config defaults. Options given explicitly override the preset's.
-    preset: str = ""
     # Method-specific options, checked against that method's Config dataclass (where the
     # registry is visible: `mmray.methods.check_method_config`); after the check they hold
     # every option's resolved value (Config defaults < preset < given), which runs record.
     options: dict[str, Any] = field(default_factory=dict)
+    # A named set of options of the method (`Method.presets`): "reference" runs what the
+    # reference code's latest commit runs, "paper" what the paper's equations say; empty: the
+    # method's Config defaults. Options given explicitly override the preset's.
+    preset: str = ""
 
 
 @dataclass
