@@ -14,7 +14,7 @@ from mmray.cost import count_params, flops_per_sample
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, StepContext, build_method
-from mmray.methods.m2pt import CrossModalLinear, cross_modal_layers, merge, reparameterize
+from mmray.methods.m2pt import M2PT, CrossModalLinear, cross_modal_layers, merge, reparameterize
 from mmray.train.experiment import load_experiment
 
 from helpers import load_pipeline
@@ -123,19 +123,69 @@ def test_merged_model_equals_the_pathway_and_loads_into_a_fresh_timm_model():
 # -- the method -------------------------------------------------------------------------------
 
 
-def test_lambda_moves_and_the_auxiliary_trains_unless_frozen():
-    method = m2pt()
-    aux_before = [layer.aux_weight.detach().clone() for layer in cross_modal_layers(method)]
-    train(method)
-    layers = cross_modal_layers(method)
-    assert all(layer.scale.item() != 0.0 for layer in layers)
-    assert all(not torch.equal(a, layer.aux_weight) for a, layer in zip(aux_before, layers))
-    frozen = m2pt(train_aux=False)
+def backward(method, seed: int = 0) -> None:
+    method.train()
+    _, loss = method.fused_loss(batch(seed=seed), CPU)
+    loss.backward()
+
+
+def test_gradients_of_lambda_and_the_auxiliary_by_hand():
+    # y = x (W + λ W_aux)ᵀ + b with G = ∂L/∂(W + λ W_aux): ∂L/∂W = G, ∂L/∂λ = <G, W_aux>,
+    # ∂L/∂W_aux = λ G; at λ = 0 the auxiliary gets exactly no gradient.
+    for scale_init in (0.0, 0.3):
+        method = m2pt(scale_init=scale_init)
+        backward(method)
+        for layer in cross_modal_layers(method):
+            g = layer.weight.grad
+            assert float(g.abs().max()) > 0
+            torch.testing.assert_close(layer.scale.grad, (g * layer.aux_weight).sum())
+            torch.testing.assert_close(layer.aux_weight.grad, scale_init * g, rtol=0, atol=0)
+    frozen = m2pt(train_aux=False, scale_init=0.3)
     aux_before = [layer.aux_weight.detach().clone() for layer in cross_modal_layers(frozen)]
+    backward(frozen)
+    for layer in cross_modal_layers(frozen):
+        assert layer.aux_weight.grad is None and not layer.aux_weight.requires_grad
+        torch.testing.assert_close(layer.scale.grad, (layer.weight.grad * layer.aux_weight).sum())
     train(frozen)
-    assert all(not layer.aux_weight.requires_grad for layer in cross_modal_layers(frozen))
     assert all(torch.equal(a, layer.aux_weight) for a, layer in zip(aux_before, cross_modal_layers(frozen)))
-    assert all(layer.scale.item() != 0.0 for layer in cross_modal_layers(frozen))
+
+
+def test_first_step_moves_lambda_by_the_adam_step_against_its_gradient():
+    method = m2pt()
+    backward(method, seed=0)
+    grads = [layer.scale.grad.clone() for layer in cross_modal_layers(method)]
+    train(method, steps=1, lr=1e-2)  # the same batch (seed 0): the same gradient
+    for g, layer in zip(grads, cross_modal_layers(method)):
+        # Adam's first step: lr · ĝ/(|ĝ| + ε) with ĝ the bias-corrected g.
+        torch.testing.assert_close(layer.scale.detach(), -1e-2 * g / (g.abs() + 1e-8))
+
+
+# Three train steps on batches 0, 1, 2 (AdamW, lr 1e-2, weight decay 0.05): the logged losses
+# and λ of blocks.0.attn.qkv and blocks.1.mlp.fc2 after them.
+PINNED = {
+    "paper": ([1.1138099431991577, 0.923851490020752, 1.3686994314193726],
+              0.007942982017993927, -0.021692046895623207),
+    "reference": ([1.098568081855774, 1.07940673828125, 1.259558916091919],
+                  0.010582689195871353, -0.009691314771771431),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PINNED))
+def test_train_steps_are_pinned(preset):
+    method = m2pt(**M2PT.presets[preset])
+    opt = torch.optim.AdamW(method.param_groups(0.05), lr=1e-2)
+    for group in opt.param_groups:  # what the training loop does with a group's lr_scale
+        group["lr"] = 1e-2 * group.get("lr_scale", 1.0)
+    losses = []
+    for i in range(3):
+        torch.manual_seed(100 + i)  # drop-path draws
+        losses.append(float(method.train_step(batch(seed=i), opt, CPU)["loss"]))
+    model = method.encoders["image"]
+    got = (losses, float(model.blocks[0].attn.qkv.scale.detach()),
+           float(model.blocks[1].mlp.fc2.scale.detach()))
+    want_losses, want_qkv, want_fc2 = PINNED[preset]
+    assert losses == pytest.approx(want_losses, abs=1e-5)
+    assert got[1:] == pytest.approx((want_qkv, want_fc2), abs=1e-6)
 
 
 def test_lambda_is_exempt_from_weight_decay():
@@ -154,6 +204,63 @@ def test_lambda_is_exempt_from_weight_decay():
     opt.step()
     assert all(s.item() == 0.5 for s in scales)
     torch.testing.assert_close(method.encoders["image"].blocks[0].attn.qkv.weight, w * (1 - 0.1 * 0.5))
+
+
+def test_reference_groups_decay_and_learning_rates_by_hand():
+    method = m2pt(decay_exempt="mae", layer_decay=0.5)
+    vit = method.encoders["image"]
+    groups = method.param_groups(0.3)
+    # depth 2: tokenizer lr·0.5³, block i lr·0.5^(2−i), final norm and head lr.
+    where = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert len(where) == sum(1 for _ in method.parameters())
+    assert where[id(vit.cls_token)] == where[id(vit.pos_embed)] == (0.125, 0.0)
+    assert where[id(vit.patch_embed.proj.weight)] == (0.125, 0.3)
+    assert where[id(vit.patch_embed.proj.bias)] == (0.125, 0.0)
+    for i, block in enumerate(vit.blocks):
+        qkv = block.attn.qkv
+        assert where[id(qkv.weight)] == where[id(qkv.aux_weight)] == (0.5 ** (2 - i), 0.3)
+        assert where[id(qkv.scale)] == where[id(qkv.bias)] == where[id(block.norm1.weight)] == (0.5 ** (2 - i), 0.0)
+    assert where[id(vit.head.weight)] == (1.0, 0.3) and where[id(vit.head.bias)] == (1.0, 0.0)
+    # The paper's grouping: λ alone is exempt, one learning rate.
+    assert all("lr_scale" not in g for g in m2pt().param_groups(0.3))
+
+
+def test_label_smoothing_by_hand():
+    method = m2pt(label_smoothing=0.1)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    label = torch.tensor([0, 1])
+    logp = torch.log_softmax(logits, dim=1)
+    by_hand = (0.9 * -logp[[0, 1], label] + 0.1 * -logp.mean(dim=1)).mean()
+    torch.testing.assert_close(method.criterion(logits, label), by_hand)
+    torch.testing.assert_close(m2pt().criterion(logits, label), (-logp[[0, 1], label]).mean())
+
+
+def test_reference_head_init_and_drop_path(tmp_path):
+    from mmray.encoders.tiny_vit import register_tiny_vit
+
+    register_tiny_vit()
+    files = {}
+    for classes in (3, 5):  # a head the dataset's 3 classes keep, and one they replace
+        model = timm.create_model("mmray_vit_tiny", img_size=(8, 8), in_chans=3, num_classes=classes)
+        with torch.no_grad():
+            model.head.bias.fill_(0.5)
+        files[classes] = tmp_path / f"target{classes}.pt"
+        torch.save(model.state_dict(), files[classes])
+    new = m2pt(**M2PT.presets["reference"], target_weights=str(files[5]), model_kwargs={"num_classes": 5})
+    vit = new.encoders["image"]
+    assert torch.equal(vit.head.bias, torch.zeros(3)) and vit.head.weight.abs().max() < 2e-4
+    assert 0.5e-5 < float(vit.head.weight.detach().std()) < 4e-5  # N(0, (2e-5)²)
+    kept = m2pt(**M2PT.presets["reference"], target_weights=str(files[3])).encoders["image"].head
+    assert torch.equal(kept.bias, torch.full((3,), 0.5)) and kept.weight.abs().max() < 2e-4
+    method = m2pt(**M2PT.presets["reference"])
+    vit = method.encoders["image"]
+    # timm's stochastic depth, linear over the 2 blocks; not needed to load the merged model.
+    assert isinstance(vit.blocks[0].drop_path1, nn.Identity)
+    assert vit.blocks[1].drop_path1.drop_prob == vit.blocks[1].drop_path2.drop_prob == pytest.approx(0.1)
+    assert "drop_path_rate" not in method.timm_kwargs
+    with pytest.raises(ValueError, match="method.options.model_kwargs.drop_path_rate: given with"):
+        load_experiment(None, ["method.name=m2pt", "method.preset=reference",
+                               "method.options.model_kwargs={drop_path_rate: 0.2}"])
 
 
 def test_final_module_is_the_merged_model_and_the_difference_is_logged():

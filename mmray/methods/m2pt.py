@@ -33,17 +33,52 @@ the dataset. The auxiliary loads strictly into the same architecture with `aux_k
 checkpoints (MAE, AudioMAE, Point-MAE as M2PT's model zoo ships them for `vit_base_patch16_224`)
 drop in, and `pipelines/m2pt_aux.py` makes a real auxiliary for the synthetic dataset.
 
-Where mmray differs from the reference implementation:
+Presets (`method.preset`); the reference is https://github.com/AILab-CVC/M2PT read at commit
+57cd821941cffdbc84cee9c30e645384278719c3, its image fine-tuning (`Image/main_finetune.py` with
+the command of `Image/README.md` and `Image/ft_pathway.sh`; the audio and video scripts
+re-parameterize the same way and fine-tune with layer decay too, the point-cloud one follows
+Point-MAE's recipe):
+- `paper` ({}): the Config defaults, the paper's re-parameterization: all four sub-layers,
+  λ initialised to 0, trained and exempt from weight decay, W_aux trained; mmray's own choices
+  where the paper says nothing (no stochastic depth, no label smoothing, every other parameter
+  decayed, one learning rate for every layer).
+- `reference`: what the reference fine-tuning runs, as far as it is the method's:
+  - `layers`, `scale_init: 0.0`, `train_aux: true`: `multimodal_pathway.py`'s
+    `CrossModalReparamLinear` (λ `cross_modal_scale = nn.Parameter(torch.zeros(1))`, a 1-element
+    vector rather than mmray's 0-d tensor: the same values), re-parameterizing `attn.qkv`,
+    `attn.proj`, `mlp.fc1`, `mlp.fc2` of every block; `is_aux_trainable` is never passed, so W_aux
+    always trains. λ has no option for its initial value there: always 0.
+  - `decay_exempt: mae`: `Image/util/lr_decay.py` `param_groups_lrd` exempts every 1-D
+    parameter (`p.ndim == 1`: biases, norms and so λ) and the model's `no_weight_decay()`
+    (`pos_embed`, `cls_token`); everything else, W_aux included, is decayed.
+  - `layer_decay: 0.65`: the same function's layer-wise lr decay, `--layer_decay 0.65` in
+    `Image/README.md` / `Image/ft_pathway.sh` (the script's own default is 0.75). Block i
+    (its λ and W_aux too) trains at lr·0.65^(depth−i), the tokenizer (`patch_embed`,
+    `cls_token`, `pos_embed`) at lr·0.65^(depth+1), the final norm and head at lr.
+  - `drop_path: 0.1`: `--drop_path 0.1`, timm's stochastic depth of the target.
+  - `label_smoothing: 0.1`: `--smoothing 0.1` (`LabelSmoothingCrossEntropy`, when mixup is off).
+  - `head_init_std: 2e-5`: `trunc_normal_(model.head.weight, std=2e-5)` after loading the
+    target's checkpoint; a head the checkpoint lacks or has for another class count keeps the
+    bias of timm's init, 0 (a head that matches keeps the checkpoint's bias).
+  What the reference also runs and mmray sets elsewhere or not at all: AdamW with weight decay
+  0.05 (`train.optimizer: adamw`, `train.weight_decay: 0.05`); lr = 5e-4·batch/256 with 5
+  warm-up epochs and a per-iteration half-cosine to 1e-6 (mmray's schedules step per epoch);
+  MAE's global average pooling with `fc_norm` (timm's `model_kwargs: {global_pool: avg}`, which
+  the weights file decides; the reference loads MAE's pretraining checkpoint non-strictly and
+  starts `fc_norm` and the head fresh, mmray loads strictly); mixup 0.8 / cutmix 1.0 with soft
+  targets, RandAugment and random erasing (not implemented: with mixup on, the reference's loss
+  is a soft-target CE, not the label-smoothed CE above); gradient accumulation over 4 batches;
+  fp16 autocast with a loss scaler (mmray: bf16 on CUDA).
+
+Where mmray differs from the reference implementation under every preset:
 - There is a merge step (`merge`), and the final test split is evaluated on
   the merged model; the reference has no merge function and evaluates the pathway model.
 - Block counts and every paired shape are checked, with errors naming the layer; the reference
   zips the blocks (a depth mismatch silently pairs fewer) and asserts shapes without names.
 - The target loads strictly (a 224-px checkpoint needs 224-px data); the reference loads it
   non-strictly, interpolates the position embedding and drops a mismatched head.
-- W_aux is a copy held by the target layer; the reference shares the auxiliary model's tensor.
-- Only λ is exempt from weight decay (`param_groups`). The reference fine-tunes MAE-style
-  (every 1-D parameter exempt, layer-wise lr decay 0.75, drop-path 0.1, RandAugment, mixup,
-  label smoothing); mmray trains with `train.*` and timm's defaults (no drop-path, no mixup).
+- W_aux is a copy held by the target layer; the reference shares the auxiliary model's tensor
+  (the same values: nothing else of the auxiliary runs or trains).
 - Without `aux_weights` (or with `aux_random: true`, the ablation's control) the auxiliary is
   randomly initialised.
 """
@@ -52,13 +87,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmray.config import path_field
+from mmray.config import bounds, path_field
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
 from mmray.encoders.pretrained import load_local_weights, timm_model_known
@@ -101,6 +136,20 @@ class Config:
     scale_init: float = 0.0
     # Train W_aux along with the target (paper); false freezes it.
     train_aux: bool = True
+    # Parameters without weight decay. scale: λ only (the paper). mae: every parameter of at most
+    # one dimension (biases, norms, λ) and the ViT's `no_weight_decay()` (pos_embed, cls_token),
+    # as the reference's MAE fine-tuning groups them.
+    decay_exempt: Literal["scale", "mae"] = "scale"
+    # Layer-wise lr decay d (BEiT/MAE): block i trains at lr·d^(depth−i), the tokenizer at
+    # lr·d^(depth+1), final norm and head at lr (the optimizer group's `lr_scale`). 1: none.
+    layer_decay: float = field(default=1.0, metadata=bounds(0.0, 1.0, lo_open=True))
+    # Stochastic depth of the target's blocks (timm's drop_path_rate, linear over depth).
+    drop_path: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    # Label smoothing of the cross-entropy on single-label data.
+    label_smoothing: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    # > 0: the target's head weight is redrawn from N(0, std²) (truncated at ±2, timm's
+    # trunc_normal_) after the weights load, and a new head's bias is 0; 0: timm's or the file's.
+    head_init_std: float = field(default=0.0, metadata=bounds(0.0))
 
     def validate(self, path: str, errors: list[str]) -> None:
         if not self.layers or len(set(self.layers)) != len(self.layers):
@@ -110,6 +159,9 @@ class Config:
             if key in self.model_kwargs:
                 errors.append(f"{path}.model_kwargs.{key}: set from the target modality's tensor "
                               "shape; change the data instead (e.g. data.image.size)")
+        if self.drop_path and "drop_path_rate" in self.model_kwargs:
+            errors.append(f"{path}.model_kwargs.drop_path_rate: given with {path}.drop_path; "
+                          "set only drop_path")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +312,13 @@ class M2PT(Method):
 
     name = "m2pt"
     Config = Config
+    # What each sets and where it comes from: the module docstring.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "reference": {"layers": list(DEFAULT_LAYERS), "scale_init": 0.0, "train_aux": True,
+                      "decay_exempt": "mae", "layer_decay": 0.65, "drop_path": 0.1,
+                      "label_smoothing": 0.1, "head_init_std": 2e-5},
+        "paper": {},
+    }
     modalities_supported = (1, 2, 3)
 
     @classmethod
@@ -294,9 +353,17 @@ class M2PT(Method):
         c, h, w = spec.modalities[self.target].shape
         arch = {**as_timm_kwargs(o.model_kwargs), "img_size": (h, w), "in_chans": c}
         arch.setdefault("num_classes", spec.num_classes)
-        model = build_vit(o.timm_name, arch, o.target_weights, "method.options.target_weights")
-        if model.num_classes != spec.num_classes:  # e.g. an ImageNet head: a new task head
+        # Stochastic depth only shapes training: not part of what loads the merged state dict.
+        train_arch = {**arch, "drop_path_rate": o.drop_path} if o.drop_path else arch
+        model = build_vit(o.timm_name, train_arch, o.target_weights, "method.options.target_weights")
+        new_head = model.num_classes != spec.num_classes
+        if new_head:  # e.g. an ImageNet head: a new task head
             model.reset_classifier(spec.num_classes)
+        if o.head_init_std > 0:
+            with torch.no_grad():
+                nn.init.trunc_normal_(model.head.weight, std=o.head_init_std)
+                if new_head:  # timm's init of a head's bias (nn.Linear's is uniform)
+                    model.head.bias.zero_()
         aux = build_vit(o.timm_name, {**arch, **as_timm_kwargs(o.aux_kwargs)},
                         "" if o.aux_random else o.aux_weights, "method.options.aux_weights")
         reparameterize(model, aux, tuple(o.layers), o.scale_init, o.train_aux)
@@ -312,6 +379,13 @@ class M2PT(Method):
         present = batch["present"][self.target].to(pooled.dtype).unsqueeze(1)
         logits = vit.head(pooled * present)
         return Output(logits, {self.target: logits})
+
+    def criterion(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.options.label_smoothing and not self.spec.multilabel:
+            # At least float32 (autocast's bf16 logits are upcast; float64 stays float64).
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            return F.cross_entropy(logits, label, label_smoothing=self.options.label_smoothing)
+        return super().criterion(logits, label)
 
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         self._probe = batch["inputs"][self.target][:PROBE_SAMPLES].detach()
@@ -346,13 +420,36 @@ class M2PT(Method):
 
     # -- optimisation hooks -------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Every λ (chosen by module: each CrossModalLinear's `scale`) in a group without weight
-        decay; everything else trainable with it."""
-        scales = [layer.scale for layer in cross_modal_layers(self) if layer.scale.requires_grad]
-        ids = {id(p) for p in scales}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest, "weight_decay": weight_decay},
-                {"params": scales, "weight_decay": 0.0}]
+        """Groups by (layer, decayed or not), parameters chosen by module: every λ (each
+        CrossModalLinear's `scale`) is exempt from weight decay, and with `decay_exempt: mae` so
+        are all parameters of at most one dimension and the ViT's `no_weight_decay()` tokens.
+        With `layer_decay` < 1 each group carries its `lr_scale` (the loop sets lr·lr_scale):
+        layer 0 the tokenizer, i + 1 block i, depth + 1 the rest (final norm, head)."""
+        o, vit = self.options, self.encoders[self.target]
+        exempt = {id(layer.scale) for layer in cross_modal_layers(self)}
+        if o.decay_exempt == "mae":
+            exempt |= {id(p) for p in self.parameters() if p.ndim <= 1}
+            exempt |= {id(getattr(vit, n)) for n in vit.no_weight_decay()
+                       if isinstance(getattr(vit, n, None), nn.Parameter)}
+        depth = len(vit.blocks)
+        layer_of = {id(p): 0 for p in vit.patch_embed.parameters()}
+        layer_of |= {id(getattr(vit, n)): 0 for n in ("cls_token", "pos_embed")
+                     if isinstance(getattr(vit, n, None), nn.Parameter)}
+        for i, block in enumerate(vit.blocks):
+            layer_of |= {id(p): i + 1 for p in block.parameters()}
+        groups: dict[tuple[int, bool], dict] = {}
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            layer = layer_of.get(id(p), depth + 1) if o.layer_decay != 1.0 else 0
+            no_decay = id(p) in exempt
+            if (layer, no_decay) not in groups:
+                group = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay}
+                if o.layer_decay != 1.0:
+                    group["lr_scale"] = o.layer_decay ** (depth + 1 - layer)
+                groups[layer, no_decay] = group
+            groups[layer, no_decay]["params"].append(p)
+        return list(groups.values())
 
     def epoch_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}

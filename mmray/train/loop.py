@@ -120,6 +120,8 @@ def build_state(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) 
         opt = torch.optim.Adam(groups, lr=t.lr)
     else:
         opt = torch.optim.AdamW(groups, lr=t.lr)
+    for group in opt.param_groups:  # a method's per-group lr factor (M2PT's layer-wise decay)
+        group["lr"] = t.lr * group.get("lr_scale", 1.0)
     sched: torch.optim.lr_scheduler.LRScheduler | None = None
     if t.scheduler == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma)
