@@ -2,57 +2,73 @@
 
 Zhang, Yoon, Bansal, Yao. "Multimodal Representation Learning by Alternating Unimodal
 Adaptation", CVPR 2024. Reference code:
-https://github.com/Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation
-(`main.py`: `train_epoch` with `gs_flag`, `valid`, `calculate_gating_weights`;
-`utils/utils.py`: `GSPlugin`).
+https://github.com/Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation, read at
+its latest commit ab6c184579f9ff390e9c9b8216c9900c2a43545b (`main.py`: `train_epoch` with
+`gs_flag`, `valid`, `calculate_gating_weights`; `utils/utils.py`: `GSPlugin`).
 
 One head g = Linear(d → C) is shared by every modality. Each batch runs every encoder once, then
 for m in a fixed order takes one optimizer step on loss_m = CE(g(h_m)) alone, so encoder φ_m only
 ever receives gradients from loss_m while the head learns from every modality in turn. To keep the
 head from forgetting the previous modalities it receives its weight gradient through an
-orthogonal-weight-modification projector P (P₀ = I_d, the bias is not projected):
+orthogonal-weight-modification projector P (P₀ = I_d, the bias is not projected). At each step,
+with r = mean_batch(h_m) (1×d) and α = 0.1^(1 + batch_idx / batches):
 
-    ∇W_g ← ∇W_g Pᵀ;   then, with r = mean_batch(h_m) (1×d), α = 0.1^(1 + batch_idx / batches):
-    k = P rᵀ;  P ← P − k kᵀ / (α + r k);  P ← P / ‖P‖_F.
+    k = P rᵀ;  P ← P − k kᵀ / (α + r k);  P ← P / ‖P‖_F;   ∇W_g ← ∇W_g Pᵀ.
 
 At inference the unimodal logits z_m = g(h_m) are fused by fixed weights (z = Σ w_m z_m) or by
 test-time uncertainty: per sample e_m = −Σ_c p log p with p = softmax(z_m), w_m = softmax_m(−e_m).
+The fusion rule plays no part in training.
 
-Order of projection and projector update: orthogonal weight modification protects what earlier
-inputs taught the head, so the P used at modality m's step is built from the features of the
-steps before it: mmray projects with the current P, steps, and only then adds the current
-modality's r to P. The very first step of training therefore sees P = I, as in the reference,
-which skips its first step. The reference's `GSPlugin.before_update` otherwise updates P with the
-current modality's r first and then projects, which also removes the current modality's own mean
-feature direction from its head update; `update_first: true` reproduces that order.
+Presets (`method.preset`):
+- `reference`: what the reference's latest commit runs under the PyTorch it pins
+  (`requirements.txt`: torch 1.8.1): no projection at all, the dynamic rule with one entropy per
+  batch (the README's "MLA (dynamic fusion)"), and the inert projector options set as its
+  `GSPlugin` writes them, so that `project: true` on top of it is the projecting `GSPlugin` of the
+  first commit, 4735bbcb8e33e56da8e08d4408a1939e73d01047. Its quirks, each an option:
+  - `project: false`. `GSPlugin.before_update` (`utils/utils.py`) acts only on a parameter named
+    "module.weight", but `main.py` hands it the bare `model.module.fusion_module.fc_out`, whose
+    parameters are "weight" and "bias", so the projection never runs and P stays I. Commit
+    4735bbc also matched "weight" and so projected; 11ae1ee5aee9ecd7db2aefa16f9b44d2ea548c89
+    ("Fix bugs") dropped that match. (4735bbc's `main.py` never reaches a step: it passes the
+    `GSPlugin` class, not an instance, and reads an undefined `args.ewc_flag`.)
+  - `update_first: true`: `before_update`, called between backward and step, updates P with the
+    current modality's r, then projects the gradient with that P (as OWM's `pro_weight` does).
+  - `skip_first_step: true`: `before_update` does nothing while its step counter
+    (`train_exp_counter`, counted over the whole run) is 0, i.e. at the very first step.
+  - `outer_divisor: true`: it divides by `alpha + torch.mm(k, r)`, the d×d outer product,
+    element-wise, where OWM's scalar is α + r k.
+  - `zero_grad_steps: true`: `main.py` zeroes gradients after each step and deletes them only at
+    the end of the batch; PyTorch 1.8.1's `zero_grad` zeroes rather than deletes, so the encoders
+    already stepped in a batch are stepped again at each later step with a zero gradient (their
+    momentum and weight decay advance once more per later modality).
+  - `fusion_rule: dynamic, batch_entropy: true`: `calculate_entropy` in `main.py` takes the
+    softmax over the batch axis (dim 0) of the B×C logits and sums −p log p over the whole matrix,
+    so one weight per modality and batch, depending on the other samples; w = softmax_m(−e_m) is
+    its exp(max e − e_m) normalisation. (The README's command for it passes `-dynamic`, which
+    argparse refuses; `--dynamic` runs it.) The README's "MLA (fixed fusion)" is
+    `fusion_rule: fixed` with `fusion_weights` {audio: 0.55, visual: 0.45} (`main(av_alpha=0.55)`;
+    0.35/0.25/0.4 for audio/visual/text), which a preset cannot name for every dataset.
+- `paper`: METHODS.md §4 as written: project, updating P with the current modality's features
+  before projecting (OWM's order; the scalar divisor).
+- `mmray`: the Config defaults. They project with the P built from the steps before (the current
+  modality's r is added to P after its step): OWM keeps the head's response to what earlier inputs
+  taught it, and this order leaves the current modality's own mean-feature direction in its head
+  update. Neither the paper preset nor the reference does this.
 
-Where mmray differs from the reference implementation:
-- The projection runs (`project: true`). In the reference's final commit `before_update` only acts
-  on a parameter named "module.weight", but it is handed the bare `nn.Linear` whose parameters are
-  "weight" and "bias", so the projection never runs; `project: false` reproduces that.
-- The reference divides by `alpha + torch.mm(k, r)`, the d×d outer product, element-wise (dead
-  code, see above); mmray uses the scalar α + r k of orthogonal weight modification.
+Where mmray differs from the reference implementation beyond these options:
 - P is sized from the head (`head.in_features`) and stored as a buffer, so it is checkpointed;
-  the reference hard-codes 512 and keeps P outside the model (lost on resume).
-- Dynamic fusion is per sample. The reference computes one entropy per modality per batch: a
-  softmax over the batch axis (dim 0) of the B×C logits and −Σ p log p summed over the whole
-  matrix, so a weight depends on the other samples and on the batch size; `batch_entropy: true`
-  reproduces it (w = softmax_m(−e_m), the same as its exp(max e − e_m) normalisation).
+  the reference hard-codes 512 and keeps P outside the model (lost on resume). P is updated in
+  float64.
 - Fixed fusion weights are read per modality name (`fusion_weights`); empty gives equal weights.
-  The reference uses 0.55/0.45 for audio/visual and 0.35/0.25/0.4 for audio/visual/text.
 - Missing modalities: loss_m and r average over the samples where m is present, and the dynamic
   rule gives an absent modality zero weight (the reference has no missing-modality path).
-- The optimizer steps each parameter only when it has a gradient (`zero_grad(set_to_none=True)`),
-  so an encoder's momentum and weight decay advance once per batch, at its own step. (The
-  reference deletes gradients only at the end of each batch; under PyTorch < 2.0, whose
-  `zero_grad` zeroed instead of deleting, an encoder was also stepped with a zero gradient at the
-  later modalities' steps.)
 - With several Ray Train workers the projection uses each worker's own P and runs before the
   gradients are averaged (the `edit_grads` hook of `backward_and_step`), so the averaged
   gradient, and hence the parameters, stay identical on every worker; the checkpoint holds one
   worker's P.
 - `method.fusion` is not used: MLA has one shared head and fuses at the logit level.
-- The logged `loss` is the mean of the unimodal losses (the reference logs the fixed-weight mix).
+- The logged `loss` is the mean of the unimodal losses (the reference logs
+  0.55·loss_a + 0.45·loss_v, also with three modalities).
 """
 
 from __future__ import annotations
@@ -74,9 +90,20 @@ class Config:
     # Project the shared head's weight gradient through P (paper); false = the reference's
     # final code, where the projection never runs.
     project: bool = True
-    # Update P with the current modality's features before projecting (the reference's order);
-    # false = project with P built from the earlier steps, then update it (paper, OWM).
+    # Update P with the current modality's features before projecting its gradient (paper,
+    # OWM, the reference's GSPlugin); false = project with the P of the earlier steps, then
+    # update it (mmray).
     update_first: bool = False
+    # The very first step of the run (epoch 0, batch 0, first modality) neither updates P nor
+    # projects, as the reference's GSPlugin, which acts only from its second call.
+    skip_first_step: bool = False
+    # Divide k kᵀ element-wise by the d×d matrix α + k r, as the reference's GSPlugin writes it;
+    # false = by the scalar α + r k of orthogonal weight modification.
+    outer_divisor: bool = False
+    # Step the encoders already stepped in this batch again at each later modality's step, with
+    # a zero gradient (momentum and weight decay advance): the reference under its PyTorch
+    # 1.8.1, whose zero_grad zeroes the gradients instead of deleting them.
+    zero_grad_steps: bool = False
     # Inference fusion of the unimodal logits: fixed weights or test-time entropy weights.
     fusion_rule: Literal["fixed", "dynamic"] = "dynamic"
     # Weights of the fixed rule per modality; empty = equal weights. Reference: audio 0.55,
@@ -105,13 +132,15 @@ def projector_alpha(batch_idx: int, batches_per_epoch: int) -> float:
     return 0.1 ** (1 + batch_idx / max(batches_per_epoch, 1))
 
 
-def projector_update(P: torch.Tensor, r: torch.Tensor, alpha: float) -> torch.Tensor:
-    """k = P rᵀ; P ← P − k kᵀ / (α + r k); P ← P / ‖P‖_F. r: (d,) mean feature. Returns new P."""
+def projector_update(P: torch.Tensor, r: torch.Tensor, alpha: float,
+                     outer_divisor: bool = False) -> torch.Tensor:
+    """k = P rᵀ; P ← P − k kᵀ / (α + r k); P ← P / ‖P‖_F. r: (d,) mean feature. Returns new P.
+    `outer_divisor`: divide element-wise by the d×d matrix α + k r instead (the reference's)."""
     # In float64: P accumulates one rank-one update per step over the whole run, and the d×d
     # cost is negligible next to a backward.
     P64, r64 = P.double(), r.detach().double().reshape(-1, 1)
     k = P64 @ r64
-    P64 = P64 - (k @ k.T) / (alpha + (r64.T @ k))
+    P64 = P64 - (k @ k.T) / (alpha + (k @ r64.T if outer_divisor else r64.T @ k))
     return (P64 / torch.linalg.matrix_norm(P64)).to(P.dtype)
 
 
@@ -168,6 +197,14 @@ class MLA(Method):
 
     name = "mla"
     Config = Config
+    presets = {
+        # The latest commit of the reference (see the module docstring for each quirk).
+        "reference": {"project": False, "update_first": True, "skip_first_step": True,
+                      "outer_divisor": True, "zero_grad_steps": True, "fusion_rule": "dynamic",
+                      "batch_entropy": True},
+        "paper": {"update_first": True},
+        "mmray": {},
+    }
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__(spec, model_cfg, method_cfg)
@@ -209,47 +246,69 @@ class MLA(Method):
     def masked_loss(self, logits: torch.Tensor, label: torch.Tensor,
                     present: torch.Tensor) -> torch.Tensor:
         """`criterion` averaged over the samples where the modality is present."""
+        # At least float32 (bf16 logits under autocast); a float64 model keeps float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.spec.multilabel:
-            per = F.binary_cross_entropy_with_logits(logits.float(), label.float(),
+            per = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype),
                                                      reduction="none").mean(1)
         else:
-            per = F.cross_entropy(logits.float(), label, reduction="none")
+            per = F.cross_entropy(logits, label, reduction="none")
         w = present.to(per.dtype)
         return (per * w).sum() / w.sum().clamp(min=1)
 
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
+        opts = self.options
         with ctx.autocast():
             feats = self.features(batch)  # one forward of every encoder
         alpha = projector_alpha(ctx.batch_idx, ctx.batches_per_epoch)
+        first_batch = ctx.epoch == 0 and ctx.batch_idx == 0
+        stepped: dict[int, nn.Parameter] = {}  # parameters given a gradient in this batch
         logs: dict[str, torch.Tensor] = {}
-        for m in self.order:
+        for i, m in enumerate(self.order):
             # Recomputed after the previous modality's step: the head has moved since.
             with ctx.autocast():
                 logits = self.head(feats[m])
             present = batch["present"][m].to(feats[m].device)
             loss_m = self.masked_loss(logits, batch["label"], present)
             r = self._mean_feature(feats[m], present)
+            projects = opts.project and not (opts.skip_first_step and first_batch and i == 0)
 
-            def project(r: torch.Tensor = r) -> None:
+            def edit(r: torch.Tensor = r, projects: bool = projects) -> None:
                 # Before the average: see the module docstring.
-                if self.options.update_first:
-                    self.projector.copy_(projector_update(self.projector, r, alpha))
-                project_gradient_(self.head, self.projector)
+                if opts.zero_grad_steps:
+                    self._zero_grads_of_stepped(stepped)
+                if projects and opts.update_first:
+                    self._update_projector(r, alpha)
+                if projects:
+                    project_gradient_(self.head, self.projector)
 
             # Each encoder's graph is separate and used once, so no retain_graph is needed; the
             # other encoders' gradients stay None and the optimizer skips them.
-            step = self.backward_and_step(loss_m, optimizer, ctx,
-                                          edit_grads=project if self.options.project else None)
+            step = self.backward_and_step(
+                loss_m, optimizer, ctx,
+                edit_grads=edit if projects or opts.zero_grad_steps else None)
             logs[f"loss/{m}"] = step["loss"]
             logs[f"grad/{m}"] = step[f"grad/{m}"]
-            if self.options.project and not self.options.update_first:
-                self.projector.copy_(projector_update(self.projector, r, alpha))
+            if projects and not opts.update_first:
+                self._update_projector(r, alpha)
         logs["loss"] = torch.stack([logs[f"loss/{m}"] for m in self.order]).mean()
         return logs
 
+    def _update_projector(self, r: torch.Tensor, alpha: float) -> None:
+        self.projector.copy_(projector_update(self.projector, r, alpha, self.options.outer_divisor))
+
+    def _zero_grads_of_stepped(self, stepped: dict[int, nn.Parameter]) -> None:
+        """`zero_grad_steps`: a parameter that had a gradient at an earlier step of this batch and
+        has none now gets a zero one, so the optimizer steps it; `stepped` gains this step's."""
+        for p in stepped.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        stepped.update((id(p), p) for p in self.parameters() if p.grad is not None)
+
     @staticmethod
     def _mean_feature(h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """r = mean over the batch of h_m (absent samples are zero rows and are not counted)."""
-        n = present.to(torch.float32).sum().clamp(min=1)
-        return h.detach().float().sum(0) / n
+        """r = mean over the batch of h_m (absent samples are zero rows and are not counted), in
+        float64 like P: the reference's element-wise divisor α + k r amplifies rounding in r."""
+        n = present.to(torch.float64).sum().clamp(min=1)
+        return h.detach().double().sum(0) / n
 
