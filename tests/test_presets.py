@@ -19,11 +19,14 @@ PRESETS = [(name, preset) for name, cls in sorted(METHODS.items()) for preset in
 @pytest.mark.parametrize("name, preset", PRESETS, ids=[f"{n}-{p}" for n, p in PRESETS])
 def test_a_preset_resolves_to_its_options_and_an_explicit_option_wins(name, preset):
     cls = METHODS[name]
-    cfg = load_experiment(None, [f"method.name={name}", f"method.preset={preset}"])
+    # a method on CLIP's towers needs CLIP's tokens (checked when the experiment loads)
+    clip = ["data.text.tokenizer=open_clip", "data.text.open_clip_model=mmray-tiny"] \
+        if cls.clip_backbone else []
+    cfg = load_experiment(None, [f"method.name={name}", f"method.preset={preset}", *clip])
     expected = {**dataclasses.asdict(cls.Config()), **cls.presets[preset]}
     assert cfg.method.options == expected
     key = next(f.name for f in dataclasses.fields(cls.Config) if f.type in ("bool", bool))
-    flipped = load_experiment(None, [f"method.name={name}", f"method.preset={preset}",
+    flipped = load_experiment(None, [f"method.name={name}", f"method.preset={preset}", *clip,
                                      f"method.options.{key}={str(not expected[key]).lower()}"])
     assert flipped.method.options == {**expected, key: not expected[key]}
 

@@ -4,8 +4,14 @@ Both towers of open_clip's CLIP (model.open_clip_model, weights from model.clip_
 kept in eval mode; learned tokens inserted into them (`mmray.modules.prompts`), chosen per sample
 by its missing case, which the batch's `present` masks give; a linear classifier on
 [image feature; text feature] (`method.fusion=concat`; `sum` also works), with the missing
-modality's feature zeroed before it, as both reference implementations do. A subclass says what
-to insert (`insertions`) and which of its parameters serve which tower (`tower_parameters`).
+modality's feature zeroed before it, as REP's reference code does (MAP's `zero_missing: false`
+keeps it). A subclass says what to insert (`insertions`) and which of its parameters serve which
+tower (`tower_parameters`).
+
+Two options of a subclass's Config are read here, for what both reference codebases do alike
+(their `objectives.init_weights` and `set_schedule`): `head_init_std` (N(0, std) head weights and
+a zero bias; 0 keeps PyTorch's default) and `reference_decay_groups` (weight decay spares what the
+reference's parameter-name filter spares; `no_decay` says which parameters that is).
 
 The frozen CLIP weights are left out of the method's state_dict (checkpoints carry the prompts and
 the head only) and taken from the freshly built model when a checkpoint is loaded.
@@ -40,6 +46,13 @@ class ClipPrompting(Method):
         # [image feature; text feature], in that order whatever the dataset's modality order
         self.head = LateFusion({self.role_modality[r]: self.tower(r).out_dim for r in ROLES},
                                spec.num_classes, method_cfg.fusion)
+        if self.options.head_init_std > 0:
+            with torch.no_grad():
+                for name, p in self.head.named_parameters():
+                    if name.endswith("bias"):
+                        p.zero_()
+                    else:
+                        p.normal_(0.0, self.options.head_init_std)
 
     # -- the backbone ---------------------------------------------------------------------------
     def build_encoders(self, spec: DatasetSpec, model_cfg: ModelConfig) -> nn.ModuleDict:
@@ -70,6 +83,25 @@ class ClipPrompting(Method):
         """The trainable parameters that act on tower `role` (for the per-tower gradient norm)."""
         raise NotImplementedError
 
+    def zero_missing(self) -> bool:
+        """Whether the missing modality's feature is zeroed before the head."""
+        return True
+
+    def no_decay(self) -> list[nn.Parameter]:
+        """What `reference_decay_groups` spares from weight decay: every bias (the references'
+        filter spares names containing "bias"); a subclass adds what else its reference spares."""
+        return [p for m in self.modules() for n, p in m.named_parameters(recurse=False)
+                if n.endswith("bias")]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        if not self.options.reference_decay_groups:
+            return super().param_groups(weight_decay)
+        spared = {id(p) for p in self.no_decay()}
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) not in spared], "weight_decay": weight_decay},
+                  {"params": [p for p in params if id(p) in spared], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
     # -- forward --------------------------------------------------------------------------------
     def forward_with_extras(self, batch: Batch) -> tuple[Output, dict[str, torch.Tensor]]:
         img, txt = self.role_modality["image"], self.role_modality["text"]
@@ -81,7 +113,9 @@ class ClipPrompting(Method):
         for r in ROLES:
             m = self.role_modality[r]
             h = self.tower(r).encode(x0[r], raw[r], inserts[r])
-            feats[m] = h * batch["present"][m].to(h.dtype).unsqueeze(1)  # the missing one is zeroed
+            if self.zero_missing():  # the missing one is zeroed
+                h = h * batch["present"][m].to(h.dtype).unsqueeze(1)
+            feats[m] = h
         fused, per_mod = self.head(feats)
         return Output(fused, per_mod), extras
 

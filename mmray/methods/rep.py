@@ -22,16 +22,42 @@ Net = fc(→256) → LayerNorm → GELU → Dropout(0.1) → fc, plus a linear s
 between private and shared tokens. Only the buffers, their networks and the linear classifier on
 [image feature; text feature] train; the missing modality's feature is zeroed before it.
 
-Where mmray differs from the reference implementation:
-- The dynamic queries are parameters and train; in the reference they are plain tensors, drawn at
-  start-up, never trained nor saved. `learn_queries: false` reproduces fixed queries (kept as
-  buffers, so a checkpoint restores them).
+Presets (reference code read: AnonymousUser2313/REP at commit
+895632be9bcb8028177604946ab1336f3a2f1bf2; the port of its training step is
+tests/reference/test_ref_rep.py):
+- `reference`: learn_queries=false, learn_dynamic_attention=false, tune_output_layers=false,
+  head_init_std=0.02, reference_decay_groups=true: what `run.py` trains for Food-101 and MM-IMDb.
+  - learn_queries=false: the dynamic queries (`memories_dynamic_complete/_image/_text` in
+    `ResidualAttentionBlock.__init__`, `clip/modules/vision_transformer_memory.py`) are plain
+    tensors drawn N(0, 0.02) at start-up: never trained nor saved (mmray keeps them as buffers,
+    so a checkpoint restores them).
+  - learn_dynamic_attention=false, tune_output_layers=false: `CustomCLIP.__init__`
+    (`clip/modules/clip_dynamic_memory.py`) freezes every parameter of both towers for Food-101
+    and MM-IMDb, the dynamic tokens' cross-attention (`attn_memory`, inside block 0) included;
+    the name filter of `CLIPransformerSS.__init__` that follows only freezes, so ln_post, the
+    image projection, ln_final and `attn_memory` stay frozen. The attention keeps its random
+    initialisation: the dynamic tokens are a fixed random function of the layer-0 tokens.
+  - head_init_std=0.02: the classifier starts N(0, 0.02) with zero bias (`init_weights`,
+    `clip/modules/objectives.py`).
+  - reference_decay_groups=true: `set_schedule` (`clip/modules/clip_utils.py`) spares from weight
+    decay the names containing "bias" or "norm.weight": every bias and each Net's inner
+    LayerNorm weight, but not the per-layer LayerNorms before the Nets (`layernorm_text.0.weight`
+    matches neither), nor α, nor the buffers.
+  The reference's other code path, Hateful Memes: `CustomCLIP` first unfreezes both towers, then
+  the name filter freezes all but ln_post, the image projection, ln_final and `attn_memory`, so
+  `preset: reference` with tune_output_layers=true and learn_dynamic_attention=true.
+- `paper`: {} (the defaults are mmray's reading of the paper, METHODS.md §6: learnable dynamic
+  queries and attention, frozen CLIP; the separation term stays off, `separation_weight` 0, as
+  no weight for it is taken from the paper here).
+
+Where mmray differs from the reference implementation, under every preset:
+- The towers are open_clip's CLIP (the reference: OpenAI's `clip` code with ViT-B/16, fp16
+  autocast); the blocks, the insertion and the pooling (class token after the buffers; the
+  end-of-text token with the buffers dropped) compute the same. The text tower's causal mask
+  spans buffers and text in both.
 - The separation term is in the paper, not in the reference code. mmray's reading of it: the mean
   squared cosine similarity between each sample's layer-0 private and shared tokens in each tower,
   i.e. the MSE of P̂Ŝᵀ to 0 (orthogonality), weighted by `separation_weight` (0, off, by default).
-- CLIP stays wholly frozen. The reference's parameter-name filter also trains ln_post, the image
-  projection and ln_final (`tune_output_layers: true` reproduces it); for Hateful Memes it first
-  unfreezes both towers, then the same filter freezes them again.
 - The reference's `dynamic_common_token_net` is built but never called (its forward receives no
   features): left out.
 - Widths come from the model (the reference hard-codes 512 / 768 / 512); the shared width is
@@ -39,16 +65,18 @@ Where mmray differs from the reference implementation:
   lengths are separate settings (the reference splits one length, 36, in thirds); a length may be
   0 to ablate that kind of token.
 - The buffers are computed for the whole batch at once (the reference loops over samples), and the
-  depth is capped at the shallower tower's.
+  depth is capped at the shallower tower's (the reference computes buffers for all
+  `memory_depth` layers; those past the last block get no gradient).
 - A sample missing both modalities has no buffers: an error naming it (the reference's missing
   tables never make one, nor do mmray's).
-- The classifier is mmray's `LateFusion` with PyTorch's default initialisation (the reference: a
-  Linear initialised N(0, 0.02), zero bias).
+- The optimizer (AdamW betas (0.9, 0.98) from `transformers`, which decays after the Adam step;
+  per-step warm-up and linear decay; fp16 autocast) is the run's `train:` config, not the method's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +112,21 @@ class Config:
     init_noise: float = field(default=0.2, metadata=bounds(0.0, None))
     # Train the dynamic queries; false: fixed random queries, as the reference's plain tensors.
     learn_queries: bool = True
-    # Also train CLIP's ln_post, image projection and ln_final, as the reference code does.
+    # Train the dynamic tokens' cross-attention; false: it keeps its random initialisation, as in
+    # the reference's Food-101 / MM-IMDb runs (frozen with the towers).
+    learn_dynamic_attention: bool = True
+    # Also train CLIP's ln_post, image projection and ln_final, as the reference's Hateful Memes
+    # runs do.
     tune_output_layers: bool = False
     # λ of the separation term mean((P̂Ŝᵀ)²) between private and shared layer-0 tokens (the
     # paper's; not in the reference code); 0 = off.
     separation_weight: float = field(default=0.0, metadata=bounds(0.0, None))
+    # Std of the classifier's N(0, std) initial weights, bias zero (0.02 in the reference); 0:
+    # PyTorch's default initialisation.
+    head_init_std: float = field(default=0.0, metadata=bounds(0.0, None))
+    # Weight decay spares every bias and each Net's inner LayerNorm weight, as the reference's
+    # optimizer does; false: it decays everything that trains.
+    reference_decay_groups: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +199,8 @@ class TowerBuffers(nn.Module):
         else:
             self.register_buffer("queries", queries)
         self.attn = nn.MultiheadAttention(width, 1, batch_first=True) if o.dynamic_length else None
+        if self.attn is not None and not o.learn_dynamic_attention:
+            self.attn.requires_grad_(False)
 
     def step(self, k: int, both: torch.Tensor) -> torch.Tensor:
         """Netᵏ_t(LNᵏ_t[m_img; m_txt])."""
@@ -226,6 +266,13 @@ class ReplayBuffers(nn.Module):
 class REP(ClipPrompting):
     name = "rep"
     Config = Config
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # Food-101 / MM-IMDb; Hateful Memes: + tune_output_layers, learn_dynamic_attention
+        "reference": {"learn_queries": False, "learn_dynamic_attention": False,
+                      "tune_output_layers": False, "head_init_std": 0.02,
+                      "reference_decay_groups": True},
+        "paper": {},
+    }
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__(spec, model_cfg, method_cfg)
@@ -244,6 +291,12 @@ class REP(ClipPrompting):
         inserts, layer0 = self.replay_buffers(case, x0)
         sep = torch.stack([separation_loss(*layer0[r]) for r in ROLES]).mean()
         return inserts, {"separation": sep}
+
+    def no_decay(self) -> list[nn.Parameter]:
+        """Every bias, and the LayerNorm weight inside each Net (the reference's filter matches
+        its name, `layernorm.weight`)."""
+        nets = [m for m in self.replay_buffers.modules() if isinstance(m, ResidualNet)]
+        return super().no_decay() + [net.body[1].weight for net in nets]
 
     def tower_parameters(self, role: str) -> list[nn.Parameter]:
         own = list(self.replay_buffers.towers[role].parameters())
