@@ -5,6 +5,7 @@ method or the preset start from that method's and preset's options."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,26 @@ def test_grid_values_switching_preset_or_method_start_from_their_options(toy_pre
     assert same.method.options["gaussian_enhance"] is False  # same preset: base options kept
     normal = trial_experiment(base, {"method": {"name": "normal"}}, {})
     assert normal.method.preset == "" and normal.method.options == {}
+
+
+ABLATIONS = sorted((Path(__file__).resolve().parents[1] / "configs" / "ablations").glob("*.yaml"))
+CLAIMS = [p for p in ABLATIONS if "reference" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", CLAIMS, ids=lambda p: p.name)
+def test_ablations_that_say_reference_run_presets(path):
+    """An ablation file that speaks of the reference runs every method that has presets under
+    a named preset (reference, or the paper beside it), never under the plain defaults."""
+    from mmray.tune.grid import expand_grid, load_ablation
+
+    abl = load_ablation(path)
+    base = to_dict(abl.experiment)
+    used: dict[str, set[str]] = {}
+    for cell in expand_grid(abl.grid):
+        method = trial_experiment(base, cell, {}).method
+        if METHODS[method.name].presets:
+            assert method.preset, f"{path.name}: cell {cell} runs {method.name} with no preset"
+            used.setdefault(method.name, set()).add(method.preset)
+    assert used, f"{path.name} mentions the reference but runs no method that has presets"
+    for name, presets in used.items():
+        assert presets & {"reference", "reference_rgbd", "mla"}, (path.name, name, presets)
