@@ -11,8 +11,8 @@ from mmray.config import ConfigError
 from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method
-from mmray.methods.dynmm import flops_saving, resource_loss
+from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods.dynmm import costliest_fraction, flops_saving, resource_loss
 from mmray.methods.dynmm_fusion import STAGES, stage_fusion_weights, temperature_at
 from mmray.modules.gating import expected_flops, gate_weights
 from mmray.train.experiment import load_experiment
@@ -34,9 +34,17 @@ def batch_of(spec: DatasetSpec, b: int = 8, seed: int = 0) -> dict:
             "label": label, "id": [str(i) for i in range(b)]}
 
 
-def dynmm(spec=VEC, **options):
+def built(name: str, spec: DatasetSpec, preset: str = "", **options):
+    cfg = MethodConfig(name, "concat", preset=preset, options=options)
+    errors: list[str] = []
+    check_method_config(cfg, "method", errors)  # resolves the preset, as a loaded config does
+    assert not errors, errors
     torch.manual_seed(0)
-    return build_method(spec, MODEL, MethodConfig("dynmm", "concat", options))
+    return build_method(spec, MODEL, cfg)
+
+
+def dynmm(spec=VEC, preset: str = "", **options):
+    return built("dynmm", spec, preset, **options)
 
 
 def ctx(epoch: int) -> StepContext:
@@ -55,17 +63,47 @@ def test_soft_weights_sum_to_one():
     torch.testing.assert_close(gate_weights(logits, gumbel=True).sum(1), torch.ones(6))
 
 
-@pytest.mark.parametrize("gumbel", [False, True])
-def test_hard_weights_are_one_hot_and_pass_gradients_straight_through(gumbel):
-    torch.manual_seed(0)
-    logits = torch.randn(5, 3, requires_grad=True)
-    w = gate_weights(logits, 0.5, hard=True, gumbel=gumbel)
-    assert torch.allclose(w, torch.nn.functional.one_hot(w.argmax(1), 3).float(), atol=1e-6)
-    if not gumbel:
-        assert torch.equal(w.argmax(1), logits.argmax(1))
-    (w * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
-    # The gradient is the soft softmax's: non-zero although the forward value is a constant one-hot.
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
+# d/dg of Σ_e c_e w_e for straight-through weights w: by hand, s = softmax(g / τ) and
+# ∂/∂g_j = s_j (c_j − Σ_e s_e c_e) / τ. With g = (ln 3, 0) and c = (1, 3):
+#   τ = 1:   s = (3/4, 1/4),            Σ s c = 3/2  → (−3/8, 3/8)
+#   τ = 1/2: s = (9/10, 1/10),          Σ s c = 6/5  → 2 · (−0.18, 0.18) = (−0.36, 0.36)
+#   τ = 2:   s = (√3, 1) / (1 + √3),    Σ s c = √3   → ½ · √3 (1 − √3) / (1 + √3) · (1, −1)
+ROOT3 = math.sqrt(3)
+ST_BY_HAND = [(1.0, 0.375), (0.5, 0.36), (2.0, 0.5 * ROOT3 * (ROOT3 - 1) / (1 + ROOT3))]
+
+
+@pytest.mark.parametrize("tau, grad", ST_BY_HAND, ids=[f"tau={t}" for t, _ in ST_BY_HAND])
+def test_straight_through_weights_are_one_hot_with_the_soft_gradient_at_tau_by_hand(tau, grad):
+    logits = torch.tensor([[math.log(3.0), 0.0]], requires_grad=True)
+    w = gate_weights(logits, tau, hard=True)
+    assert w.tolist() == [[1.0, 0.0]]  # exactly the one-hot choice in value
+    (w * torch.tensor([1.0, 3.0])).sum().backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[-grad, grad]]))
+    soft = torch.tensor([[math.log(3.0), 0.0]], requires_grad=True)
+    (gate_weights(soft, tau) * torch.tensor([1.0, 3.0])).sum().backward()
+    torch.testing.assert_close(soft.grad, logits.grad)  # the soft gate's gradient, unchanged
+
+
+def test_straight_through_gradient_over_three_choices_by_hand():
+    # g = 0: s = 1/3 each, Σ s c = 3, τ = 1/2 → (2/3)(c − 3) = (−4/3, −2/3, 2).
+    logits = torch.zeros(1, 3, requires_grad=True)
+    w = gate_weights(logits, 0.5, hard=True)
+    assert w.tolist() == [[1.0, 0.0, 0.0]]  # ties go to the first choice
+    (w * torch.tensor([1.0, 2.0, 6.0])).sum().backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[-4 / 3, -2 / 3, 2.0]]))
+
+
+def test_gumbel_noise_enters_before_the_temperature():
+    logits = torch.tensor([[0.3, -0.2, 0.1]] * 4, requires_grad=True)
+    torch.manual_seed(7)
+    w = gate_weights(logits, 0.5, hard=True, gumbel=True)
+    (w * torch.tensor([1.0, 2.0, 6.0])).sum().backward()
+    torch.manual_seed(7)  # the same draw, by hand: g + Gumbel(0, 1) = g − log(Exp(1))
+    noisy = logits.detach() - torch.empty(4, 3).exponential_().log()
+    s = torch.softmax(noisy / 0.5, 1)
+    c = torch.tensor([1.0, 2.0, 6.0])
+    torch.testing.assert_close(w.detach(), torch.nn.functional.one_hot(s.argmax(1), 3).float())
+    torch.testing.assert_close(logits.grad, s * (c - (s * c).sum(1, keepdim=True)) / 0.5)
 
 
 def test_resource_loss_expected_flops_and_saving_by_hand():
@@ -76,6 +114,9 @@ def test_resource_loss_expected_flops_and_saving_by_hand():
     e = expected_flops(w, costs)  # 0.625·2 + 0.375·8
     torch.testing.assert_close(e, torch.tensor(4.25))
     torch.testing.assert_close(flops_saving(e, costs), torch.tensor(1 - 4.25 / 8))
+    # The reference's term: the mean weight on the costliest expert, mean(0, 0.75).
+    torch.testing.assert_close(costliest_fraction(w, costs), torch.tensor(0.375))
+    torch.testing.assert_close(costliest_fraction(w, costs.flip(0)), torch.tensor(0.625))
 
 
 # -- modality level -------------------------------------------------------------------------------
@@ -171,6 +212,67 @@ def test_unfrozen_experts_keep_training_with_the_gate():
     assert any(changed(experts, method.experts))
 
 
+def gate_logits_grad(method, batch: dict, epoch: int, resource_weight: float):
+    """The gate's logits in one train step and ∂loss/∂logits, at λ = resource_weight. The step
+    moves nothing (lr 0), so steps at two λ see the same logits and task gradient."""
+    seen = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen["logits"] = out
+
+    handle = method.gate.register_forward_hook(keep)
+    method.options.resource_weight = resource_weight
+    try:
+        method.train_step(batch, torch.optim.SGD(method.parameters(), lr=0.0), ctx(epoch))
+    finally:
+        handle.remove()
+    return seen["logits"].detach(), seen["logits"].grad
+
+
+def resource_grad_by_hand(logits: torch.Tensor, tau: float, c: torch.Tensor) -> torch.Tensor:
+    """∂/∂g of mean_b Σ_e w_e c_e for (straight-through or soft) w: s_e (c_e − Σ_j s_j c_j) / (τ B)."""
+    s = torch.softmax(logits / tau, 1)
+    return s * (c - (s * c).sum(1, keepdim=True)) / (tau * logits.shape[0])
+
+
+def assert_resource_grad(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to 1e-4 of the expected gradient's scale, which must be well above float noise."""
+    scale = float(expected.abs().max())
+    assert scale > 1e-3, scale
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("preset, options", [
+    ("", {"temperature": 0.5}),  # hard gate, Σ_e w_e C_e / C_max
+    ("reference", {"temperature": 0.5}),  # soft gate, mean weight on late fusion
+    ("reference", {"temperature": 0.5, "hard_gate": True, "freeze_experts": True}),
+])
+def test_the_resource_term_reaches_the_gate_with_its_value(preset, options):
+    method = dynmm(preset=preset, pretrain_epochs=0, clip_grad_norm=0.0, **options)
+    method.train()
+    batch = batch_of(VEC)
+    logits, with_term = gate_logits_grad(method, batch, 0, resource_weight=0.7)
+    _, without = gate_logits_grad(method, batch, 0, resource_weight=0.0)
+    costs = method.expert_flops
+    c = (torch.tensor([0.0, 1.0]) if method.options.resource_costliest_fraction
+         else costs / costs.max())
+    assert_resource_grad(with_term - without, 0.7 * resource_grad_by_hand(logits, 0.5, c))
+
+
+def test_clip_grad_norm_scales_the_whole_step():
+    deltas = []
+    for clip in (0.0, 0.01):
+        method = dynmm(pretrain_epochs=0, freeze_experts=False, clip_grad_norm=clip)
+        before = params(method)
+        method.train_step(batch_of(VEC), torch.optim.SGD(method.parameters(), lr=1.0), ctx(0))
+        deltas.append(torch.cat([(p.detach() - b).flatten() for b, p in zip(before, method.parameters())]))
+    full = deltas[0].norm()
+    assert full > 0.1  # the clip bites
+    # clip_grad_norm_ multiplies every gradient by max_norm / (total norm + 1e-6).
+    torch.testing.assert_close(deltas[1], deltas[0] * 0.01 / (full + 1e-6))
+
+
 def routing_task(n: int, seed: int) -> dict:
     """Text carries the class for half the samples; the image carries it for all of them."""
     g = torch.Generator().manual_seed(seed)
@@ -187,7 +289,7 @@ def routing_task(n: int, seed: int) -> dict:
 def fraction_to_late_fusion(resource_weight: float) -> float:
     spec = DatasetSpec("route", VEC.modalities, num_classes=2)
     torch.manual_seed(0)
-    method = build_method(spec, MODEL, MethodConfig("dynmm", "concat", {
+    method = build_method(spec, MODEL, MethodConfig("dynmm", "concat", options={
         "pretrain_epochs": 1, "resource_weight": resource_weight, "gate_hidden": 16}))
     opt = torch.optim.Adam(method.parameters(), lr=0.01)
     method.train()
@@ -252,6 +354,18 @@ def test_temperature_schedule_by_hand():
     assert temperature_at(25, 1.0, 0.001, 10) == pytest.approx(0.001)  # held after E_hard
     assert temperature_at(3, 2.0, 0.02, 4) == pytest.approx(2.0 * 0.01 ** 0.75)
     assert temperature_at(7, 1.0, 0.001, 0) == 1.0  # E_hard = 0: no decay
+    assert temperature_at(25, 1.0, 0.001, 10, hold=False) == pytest.approx(0.001 ** 2.5)
+    assert temperature_at(5, 1.0, 0.001, 10, hold=False) == pytest.approx(math.sqrt(0.001))
+
+
+def test_the_reference_schedule_is_soft_for_500_epochs_and_keeps_decaying():
+    method = fusion("reference")
+    method.on_epoch_start(250)
+    assert method.temperature == pytest.approx(0.001 ** 0.5) and not method.hard
+    method.on_epoch_start(500)
+    assert method.temperature == pytest.approx(0.001) and method.hard
+    method.on_epoch_start(600)
+    assert method.temperature == pytest.approx(0.001 ** 1.2)
 
 
 def test_stage_fusion_weights_are_tail_sums():
@@ -260,9 +374,8 @@ def test_stage_fusion_weights_are_tail_sums():
                                torch.tensor([[0.9, 0.7, 0.4], [1.0, 1.0, 0.0]]))
 
 
-def fusion(**options):
-    torch.manual_seed(0)
-    return build_method(RGBD, MODEL, MethodConfig("dynmm_fusion", "concat", options))
+def fusion(preset: str = "", **options):
+    return built("dynmm_fusion", RGBD, preset, **options)
 
 
 def test_fusion_costs_grow_with_the_fused_stages_and_the_schedule_follows_epochs():
@@ -314,6 +427,45 @@ def test_fusion_resource_loss_is_the_excess_over_the_budget():
     assert float(logs["dynmm/flops_saving"]) == pytest.approx(float(1 - logs["dynmm/flops"] / costs.max()))
 
 
+def test_secondary_costs_are_its_stages_by_hand():
+    # A 3×3 conv without bias costs 2·9·C_in·C_out·H·W: depth 1→4 at 12², 4→8 at 6², 8→16 at 3².
+    d1, d2, d3 = 2 * 9 * 1 * 4 * 144, 2 * 9 * 4 * 8 * 36, 2 * 9 * 8 * 16 * 9
+    assert fusion().secondary_flops.tolist() == [0, d1, d1 + d2, d1 + d2 + d3]
+
+
+FUSION_GRAD_CASES = {  # options, epoch, τ at that epoch, λ
+    "hard": ({"epochs_hard": 0, "temperature": 0.5}, 0, 0.5, 0.7),
+    "soft-halfway": ({"epochs_hard": 4}, 2, 0.001 ** 0.5, 0.7),
+    # The term is in GFLOPs (~1e-5 here): a λ that makes its gradient count.
+    "reference-gflops": ({"epochs_hard": 0, "temperature": 0.5, "resource_secondary_gflops": True},
+                         0, 0.5, 7e4),
+}
+
+
+@pytest.mark.parametrize("case", FUSION_GRAD_CASES)
+def test_fusion_resource_term_reaches_the_gate_with_its_value(case):
+    options, epoch, tau, lam = FUSION_GRAD_CASES[case]
+    method = fusion(**options)
+    method.train()
+    batch = batch_of(RGBD)
+    logits, with_term = gate_logits_grad(method, batch, epoch, resource_weight=lam)
+    _, without = gate_logits_grad(method, batch, epoch, resource_weight=0.0)
+    if method.options.resource_secondary_gflops:  # mean over the S + 1 choices of mean_b(w_k)·D_k
+        c = method.secondary_flops * 1e-9 / (STAGES + 1)
+    else:
+        c = method.choice_flops / method.choice_flops.max()
+    assert_resource_grad(with_term - without, lam * resource_grad_by_hand(logits, tau, c))
+
+
+def test_fusion_resource_term_is_flat_under_the_budget():
+    method = fusion(epochs_hard=0, flops_budget=1.0)  # E[FLOPs] / C_S < 1 for every soft w
+    method.train()
+    batch = batch_of(RGBD)
+    _, with_term = gate_logits_grad(method, batch, 0, resource_weight=5.0)
+    _, without = gate_logits_grad(method, batch, 0, resource_weight=0.0)
+    assert torch.equal(with_term, without)
+
+
 def test_fusion_needs_maps_and_the_small_encoders():
     with pytest.raises(ValueError, match=r"\['text', 'image'\].*method.name=dynmm"):
         build_method(VEC, MODEL, MethodConfig("dynmm_fusion"))
@@ -322,3 +474,54 @@ def test_fusion_needs_maps_and_the_small_encoders():
     with pytest.raises(ConfigError, match="init_epochs"):
         load_experiment(None, ["method.name=dynmm_fusion",
                            "method.options={init_epochs: 3, epochs_hard: 1}"])
+    with pytest.raises(ConfigError, match=r"flops_budget: 2.0 is a fraction of C_S"):
+        load_experiment(None, ["method.name=dynmm_fusion", "method.options.flops_budget=2.0"])
+    load_experiment(None, ["method.name=dynmm_fusion", "method.preset=reference",
+                           "method.options.flops_budget=2.0"])  # GFLOPs: any size
+
+
+# -- pinned train steps ----------------------------------------------------------------------------
+
+
+def pinned_run(method, spec: DatasetSpec, epoch: int, steps: int = 3) -> list[list[float]]:
+    """[loss, loss/task, loss/resource] of `steps` Adam steps on fixed batches at `epoch`."""
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=0.01)
+    method.train()
+    method.on_epoch_start(epoch)
+    out = []
+    for step in range(steps):
+        logs = method.train_step(batch_of(spec, seed=step), opt, ctx(epoch))
+        out.append([float(logs[k]) for k in ("loss", "loss/task", "loss/resource")])
+    return out
+
+
+PINNED = {
+    # The gate stage: experts frozen, straight-through hard gate, Σ_e w_e C_e / C_max.
+    "dynmm": (lambda: dynmm(pretrain_epochs=0, resource_weight=0.5), VEC, 0,
+        [[1.5075962543487549, 1.2379534244537354, 0.5392857193946838],
+         [1.4163531064987183, 1.1851030588150024, 0.4625000059604645],
+         [1.3129633665084839, 1.081713318824768, 0.4625000059604645]]),
+    # imdb_dyn.py's defaults: soft gate, trainable experts, mean weight on late fusion, clip 8.
+    "dynmm-reference": (lambda: dynmm(ML_VEC, "reference", pretrain_epochs=0, resource_weight=0.5),
+        ML_VEC, 0,
+        [[0.9298225045204163, 0.7413114905357361, 0.37702202796936035],
+         [0.8142121434211731, 0.6880043148994446, 0.2524156868457794],
+         [0.7812873721122742, 0.7079805135726929, 0.1466137319803238]]),
+    # Hard gating from the start at τ₀ = 0.5, E[FLOPs] / C_S against a budget of 0.3.
+    "fusion": (lambda: fusion(epochs_hard=0, temperature=0.5, flops_budget=0.3), RGBD, 0,
+        [[1.2253549098968506, 1.1877326965332031, 0.3762221336364746],
+         [1.1940544843673706, 1.1626518964767456, 0.3140261173248291],
+         [1.0558972358703613, 1.0276044607162476, 0.2829280495643616]]),
+    # train.py's schedule at epoch 10 of 500 (soft, τ = 0.001^(10/500)); λ on mean GFLOPs.
+    "fusion-reference": (lambda: fusion("reference", resource_weight=1e4), RGBD, 10,
+        [[1.2237377166748047, 1.1647427082061768, 5.899500138184521e-06],
+         [1.1841087341308594, 1.128360390663147, 5.574835995503236e-06],
+         [1.128475308418274, 1.0741891860961914, 5.428607892099535e-06]]),
+}
+
+
+@pytest.mark.parametrize("case", PINNED)
+def test_train_step_losses_are_pinned(case):
+    make, spec, epoch, expected = PINNED[case]
+    got = pinned_run(make(), spec, epoch)
+    assert sum(got, []) == pytest.approx(sum(expected, []), rel=1e-5, abs=0), got

@@ -2,7 +2,8 @@
 
 Xue & Marculescu, "Dynamic Multimodal Fusion", CVPR-W 2023. Reference code:
 https://github.com/zihuixue/DynMM (`ModalityDynMM/multimedia/imdb_dyn.py`: `DiffSoftmax`,
-`DynMMNet`; training in `training_structures/Supervised_Learning.py`).
+`DynMMNet`; training in `ModalityDynMM/training_structures/Supervised_Learning.py`), read at commit
+cbab632cd943195fd7ddaffb43d2d0a5388a9068.
 
 Experts e = 1..E are inference paths of different cost C_e (text-only and late fusion on
 MM-IMDB). A gate MLP on cheap inputs (`mmray.modules.gating`, shared with the fusion level)
@@ -13,29 +14,53 @@ z = Σ_e w_e z^e and the loss
     L = task(z, y) + λ · mean_batch(Σ_e w_e C_e / C_max),
 
 task = BCE-with-logits for multi-label datasets, CE otherwise. Training has two stages: for
-`pretrain_epochs` epochs the experts train on Σ_e task(z^e, y) with the gate idle; then the experts
-are frozen and only the gate trains on L. At evaluation (`predict`) gating is hard and only the
-selected expert runs for each sample. Reported: the fraction routed to each expert, the expected
-FLOPs per sample Σ_e mean(w_e)·C_e and the saving 1 − E[FLOPs] / C_max.
+`pretrain_epochs` epochs the experts train on Σ_e task(z^e, y) with the gate idle; then the gate
+trains on L, with the experts frozen (`freeze_experts`) or trained along. At evaluation
+(`predict`) gating is hard and only the selected expert runs for each sample. Reported: the
+fraction routed to each expert, the expected FLOPs per sample Σ_e mean(w_e)·C_e and the saving
+1 − E[FLOPs] / C_max.
 
-Where mmray differs from the reference implementation:
+Presets (`method.preset`):
+- `reference`: what `imdb_dyn.py` runs with its own defaults (the README's command
+  `imdb_dyn.py (--freeze) (--hard-gate) --reg λ` without the optional flags):
+  - `hard_gate: false`: `--hard` is a store_true flag, off unless given (`model.hard_gate =
+    args.hard`), so the gate is soft while training; the script sets it hard only for testing.
+    (The README calls the flag `--hard-gate`; the script defines `--hard`.)
+  - `freeze_experts: false`: `--freeze` is off unless given (`DynMMNet(freeze=args.freeze)`), so
+    the pretrained experts train with the gate.
+  - `resource_costliest_fraction: true`: the resource term is `weight[:, 1].mean()`
+    (`DynMMNet.forward`), the batch's mean weight on the late-fusion expert, not Σ_e w_e C_e.
+  - `clip_grad_norm: 8.0`: `Supervised_Learning.train` clips the norm of every parameter's
+    gradient at `clip_val=8` before each step.
+  τ = 1 (`DynMMNet.temp`, never changed), λ = 0.1 (`--reg`) and the gate MLP(inputs → 128 → E)
+  are the Config defaults already. Not options (set them in `train`): AdamW, lr 1e-4, weight
+  decay 1e-2, batch 128, 50 epochs, stopping after 8 epochs without a better val macro-F1.
+- `paper`: {} — the Config defaults: the paper's resource-aware loss λ · Σ_e w_e C(E_e) (here
+  with C normalised by C_max, a rescaling of λ) and its two stages (experts trained first, then
+  the gate). Soft or hard gating and frozen or trainable experts are flags of the reference
+  script that the paper's equations leave open; the defaults (straight-through hard gate, experts
+  frozen after pretraining, METHODS.md §5) are mmray's choice, not the script's defaults.
+
+Where mmray differs from the reference implementation (under any preset):
 - Expert costs are measured with `mmray.cost.flops_per_sample` on an example batch when the method
   is built; the reference types them in (1.25261 and 10.86908 MFLOPs). As there, the gate's own
   cost is not part of E[FLOPs]; it is logged as `dynmm/cost_gate`. A measured cost includes what
   the expert's head computes for the per-modality diagnostics (2·d·C FLOPs per modality).
-- The resource term is Σ_e w_e C_e / C_max; the reference's is mean(w_late), the fraction routed to
-  the expensive expert. For two experts ours is mean(w_late)·(1 − r) + r with r = C_cheap / C_max:
-  the same objective with λ scaled by (1 − r) (0.885 for the reference's costs).
-- The experts are pretrained in the same run (`pretrain_epochs`), not loaded from separately
-  trained checkpoints, and are mmray's encoders with a `LateFusion` head: a unimodal expert is one
-  encoder and a linear head, the late-fusion expert is the method's `encoders` and the
-  `method.fusion` head (the reference: MultiBench MLPs and MaxOut-MLP late fusion).
+- By default the resource term is Σ_e w_e C_e / C_max; the reference's is mean(w_late), the
+  fraction routed to the expensive expert (`resource_costliest_fraction`). For two experts ours is
+  mean(w_late)·(1 − r) + r with r = C_cheap / C_max: the same objective with λ scaled by (1 − r)
+  (0.885 for the reference's costs).
+- The experts are pretrained in the same run (`pretrain_epochs`, on the sum of their losses), not
+  loaded from checkpoints of separate runs (`imdb_uni.py`, `imdb_mm.py --fuse 1`), and are mmray's
+  encoders with a `LateFusion` head: a unimodal expert is one encoder and a linear head, the
+  late-fusion expert is the method's `encoders` and the `method.fusion` head (the reference:
+  MultiBench MLPs and MaxOut-MLP late fusion). `clip_grad_norm` clips both stages' steps, before
+  the worker average (`edit_grads`); the reference trains on one device.
 - Frozen experts are kept in eval mode during the gate stage (no dropout, fixed BatchNorm
-  statistics); the reference leaves them in train mode. `freeze_experts: false` trains experts and
-  gate together after pretraining. The reference clips gradients at norm 8; mmray does not.
+  statistics); the reference with `--freeze` leaves them in train mode.
 - At inference only the selected expert runs (samples grouped by expert); the reference runs every
   branch and multiplies by the one-hot weights, so its saving is counted, not realised.
-- Gumbel noise is an option (off in the reference). The saving is relative to the costliest
+- Gumbel noise is an option (the reference has none). The saving is relative to the costliest
   expert, which is always-late-fusion when that is one of the experts (as in the paper).
 - Per-modality logits (diagnostics) are z_m = Σ_e w_e z^e_m, where z^e_m is expert e's
   late-fusion block for m and 0 for an expert that does not read m; so z = Σ_m z_m still holds.
@@ -44,6 +69,7 @@ Where mmray differs from the reference implementation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +114,11 @@ class Config:
     resource_weight: float = field(default=0.1, metadata=bounds(0.0, None))
     # Hidden width of the gate MLP (inputs → hidden → experts); 128 in the reference.
     gate_hidden: int = field(default=128, metadata=bounds(1))
+    # The reference's resource term: mean_batch(w_e*) of the costliest expert e*, the fraction of
+    # the gate's weight on it; false: the expected normalised cost mean_batch(Σ_e w_e C_e / C_max).
+    resource_costliest_fraction: bool = False
+    # Clip the norm of all gradients at this value before each step (8 in the reference); 0: never.
+    clip_grad_norm: float = field(default=0.0, metadata=bounds(0.0, None))
 
     def validate(self, path: str, errors: list[str]) -> None:
         if len(set(self.experts)) != len(self.experts):
@@ -105,6 +136,11 @@ class Config:
 def resource_loss(weights: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
     """mean_batch(Σ_e w_e C_e / C_max)."""
     return (weights * (costs / costs.max())).sum(-1).mean()
+
+
+def costliest_fraction(weights: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    """mean_batch(w_e*), e* the costliest expert: the reference's resource term."""
+    return weights[:, int(costs.argmax())].mean()
 
 
 def flops_saving(expected: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
@@ -149,6 +185,11 @@ class DynMM(Method):
     name = "dynmm"
     Config = Config
     modalities_supported = (2,)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "reference": {"hard_gate": False, "freeze_experts": False,
+                      "resource_costliest_fraction": True, "clip_grad_norm": 8.0},
+        "paper": {},
+    }
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__(spec, model_cfg, method_cfg)
@@ -280,10 +321,15 @@ class DynMM(Method):
                 weights = self.route(batch)
                 out = self.mixture(batch, weights)
             task = self.criterion(out.logits, label)
-            resource = resource_loss(weights, self.expert_flops)
+            resource = (costliest_fraction if self.options.resource_costliest_fraction
+                        else resource_loss)(weights, self.expert_flops)
             loss = task + self.options.resource_weight * resource
             parts = {"loss/task": task, "loss/resource": resource, **self.routing_logs(weights)}
-        return self.backward_and_step(loss, optimizer, ctx, parts)
+        return self.backward_and_step(loss, optimizer, ctx, parts, self._clip_grads)
+
+    def _clip_grads(self) -> None:
+        if self.options.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.parameters(), self.options.clip_grad_norm)
 
     def epoch_metrics(self) -> dict[str, float]:
         """The measured costs (FLOPs per sample) of every expert and of the gate."""

@@ -2,7 +2,8 @@
 
 Xue & Marculescu, "Dynamic Multimodal Fusion", CVPR-W 2023. Reference code:
 https://github.com/zihuixue/DynMM (`FusionDynMM/src/models/model_skip_mod_globalgate.py`:
-`SkipGateESANet`, `GlobalGate`; `FusionDynMM/train.py`; `ExpDecayTemp` in `src/utils.py`).
+`SkipGateESANet`, `GlobalGate`; `FusionDynMM/train.py`; `ExpDecayTemp` in `FusionDynMM/src/utils.py`;
+defaults in `FusionDynMM/src/args.py`), read at commit cbab632cd943195fd7ddaffb43d2d0a5388a9068.
 
 Two small-CNN stage stacks with S = 3 stages: the primary modality (RGB) and the secondary one
 (depth). Choice k ∈ {0, …, S}: the secondary's stage-j output is added to the primary's for
@@ -17,21 +18,45 @@ task + λ · max(0, E[FLOPs] / C_S − budget), E[FLOPs] = Σ_k mean(w_k) · C_k
 every choice measured by `mmray.cost.flops_per_sample` when the method is built. At evaluation
 each sample runs only the secondary stages its choice needs.
 
-Where mmray differs from the reference implementation:
+Presets (`method.preset`):
+- `reference`: what `train.py --dynamic --global-gate` runs with the README's best command
+  (`--loss-ratio 1e-4 --temp 1.0 --end-temp 0.001 --epoch_ini 0 --epoch_hard 500`), which are
+  the `src/args.py` defaults except λ (`--loss-ratio` defaults to 0.0, which drops the term):
+  - `epochs_hard: 500`: `--epoch-hard` 500 = `--epochs` 500, so the gate is soft for all of
+    training (`model.hard_gate = epoch >= args.epoch_hard`) and hard only in validation.
+  - `hold_end_temperature: false`: `ExpDecayTemp.get_t` is τ₀ · b^e, b = (τ_end/τ₀)^(1/E_hard),
+    with no floor at τ_end.
+  - `resource_secondary_gflops: true`: the term is the mean over the choices of
+    mean_batch(w_k) · D_k, D_k the depth encoder's GFLOPs for choice k (`SkipGateESANet.forward`,
+    typed in as `depth_enc_flop`), and `train.py` adds λ · max(0, term − `--flop-budget`).
+  - `resource_weight: 1e-4`, `flops_budget: 0.0`, `init_epochs: 0` (`--epoch-ini`), τ₀ 1.0, τ_end
+    0.001 (the last two are the Config defaults).
+  Not options (set them in `train`, where mmray can): SGD lr 0.01 (scaled by batch / 8),
+  momentum 0.9, Nesterov (mmray's SGD has none), weight decay 1e-4, OneCycleLR stepped per epoch,
+  batch 8, 500 epochs; the best run fine-tunes a checkpoint trained with hard gating (`--finetune`).
+  The README spells `--epoch_ini`, `--epoch_hard`, which `src/args.py` does not define (it has
+  `--epoch-ini`, `--epoch-hard`); their values are its defaults.
+- `paper`: {} — the Config defaults: the paper's resource-aware loss (expected cost of the chosen
+  fusion operations, here E[FLOPs] / C_S, with no budget) and its annealed temperature.
+
+Where mmray differs from the reference implementation (under any preset):
 - Classification with `SmallCNN` stages (3 stages, 4 choices); the reference segments with an
   ESANet whose ResNet has 4 stages plus an always-fused stem (5 choices).
 - The gate reads the pooled raw inputs (`mmray.modules.gating.GateInput`), not the stem features
   through two convs.
-- The resource term is normalised: E[FLOPs] / C_S against a budget given as a fraction of C_S.
-  The reference averages mean(w_k) · D_k over the 5 choices, D_k the depth encoder's GFLOPs for
-  choice k (typed in), against a budget in GFLOPs: λ and the budget are on other scales.
-- τ stays at τ_end after E_hard; the reference keeps decaying (with hard gating it then only
-  shapes the straight-through gradient). E_hard = 0 means no decay, as in the reference.
+- By default the resource term is normalised: E[FLOPs] / C_S against a budget given as a fraction
+  of C_S; `resource_secondary_gflops` computes the reference's, with D_k measured (the secondary's
+  first k stages, so D_0 = 0: there is no always-fused stem) rather than typed in.
+- By default τ stays at τ_end after E_hard; the reference keeps decaying (with hard gating it then
+  only scales the straight-through gradient). E_hard = 0 means no decay, as in the reference.
 - `init_epochs` gives each sample a random choice with the gate idle (the reference's `ini_stage`);
-  everything trains jointly from scratch (the reference fine-tunes a pretrained ESANet).
-- Fusion is plain addition (the reference's `add`; `SE-add` is not offered). A secondary map of
-  another size is average-pooled to the primary's; missing secondary samples add nothing, and a
-  missing primary's first-stage map is zeroed, so only the fused secondary stages inform it.
+  the reference still adds λ · max(0, term − budget) of those one-hot weights to the loss (a
+  constant), mmray leaves the term out then. Everything trains jointly from scratch (the
+  reference fine-tunes a pretrained ESANet).
+- Fusion is plain addition (the reference's `add`; `SE-add`, the default of `src/args.py`'s
+  `--fuse_depth_in_rgb_encoder`, is not offered). A secondary map of another size is
+  average-pooled to the primary's; missing secondary samples add nothing, and a missing primary's
+  first-stage map is zeroed, so only the fused secondary stages inform it.
 - Per-modality logits are a decomposition of the last stage: z_secondary = f_S · W_h W_p pool(s_S)
   + b_h / 2 and z_primary = z − z_secondary (head W_h, b_h; projection W_p). Computing them is
   part of the measured C_S (2·(4w·d + d·C) FLOPs, small next to a conv stage).
@@ -40,6 +65,7 @@ Where mmray differs from the reference implementation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -79,22 +105,33 @@ class Config:
     gumbel: bool = False
     # λ of the resource loss λ · max(0, E[FLOPs] / C_S − budget).
     resource_weight: float = field(default=0.1, metadata=bounds(0.0, None))
-    # FLOPs budget as a fraction of C_S (every stage fused); 0 pushes towards fusing less.
-    flops_budget: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    # FLOPs budget: a fraction of C_S (every stage fused), or with resource_secondary_gflops in
+    # that term's units (GFLOPs averaged over the choices); 0 pushes towards fusing less.
+    flops_budget: float = field(default=0.0, metadata=bounds(0.0, None))
     # Hidden width of the gate MLP.
     gate_hidden: int = field(default=32, metadata=bounds(1))
+    # Hold τ at τ_end from epoch E_hard on; false: keep decaying past it, as the reference does.
+    hold_end_temperature: bool = True
+    # The reference's resource term: mean over the S + 1 choices of mean_batch(w_k) · D_k, D_k the
+    # GFLOPs per sample of the secondary stages choice k runs; false: E[FLOPs] / C_S.
+    resource_secondary_gflops: bool = False
 
     def validate(self, path: str, errors: list[str]) -> None:
         if self.init_epochs > self.epochs_hard:
             errors.append(f"{path}.init_epochs: {self.init_epochs} is after epochs_hard="
                           f"{self.epochs_hard}; random-path epochs must come before hard gating")
+        if not self.resource_secondary_gflops and self.flops_budget > 1:
+            errors.append(f"{path}.flops_budget: {self.flops_budget} is a fraction of C_S, in "
+                          "[0, 1] (a budget in GFLOPs needs resource_secondary_gflops: true)")
 
 
-def temperature_at(epoch: int, start: float, end: float, epochs_hard: int) -> float:
-    """τ_e = τ₀ (τ_end / τ₀)^(min(e, E_hard) / E_hard); τ₀ throughout when E_hard = 0."""
+def temperature_at(epoch: int, start: float, end: float, epochs_hard: int,
+                   hold: bool = True) -> float:
+    """τ_e = τ₀ (τ_end / τ₀)^(e / E_hard), e capped at E_hard when `hold`; τ₀ when E_hard = 0."""
     if epochs_hard <= 0:
         return start
-    return start * (end / start) ** (min(epoch, epochs_hard) / epochs_hard)
+    e = min(epoch, epochs_hard) if hold else epoch
+    return start * (end / start) ** (e / epochs_hard)
 
 
 def stage_fusion_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -113,6 +150,12 @@ class DynMMFusion(Method):
     name = "dynmm_fusion"
     Config = Config
     modalities_supported = (2,)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "reference": {"epochs_hard": 500, "hold_end_temperature": False,
+                      "resource_secondary_gflops": True, "resource_weight": 1e-4,
+                      "flops_budget": 0.0, "init_epochs": 0},
+        "paper": {},
+    }
 
     @classmethod
     def unsupported(cls, spec: DatasetSpec) -> str:
@@ -146,6 +189,10 @@ class DynMMFusion(Method):
                  for k in range(STAGES + 1)]
         self.register_buffer("choice_flops", torch.tensor(costs, dtype=torch.float32),
                              persistent=False)  # measured, never loaded from a checkpoint
+        secondary = [flops_per_sample(self, example, call=lambda b, k=k: self.secondary_stages(b, k))
+                     for k in range(STAGES + 1)]
+        self.register_buffer("secondary_flops", torch.tensor(secondary, dtype=torch.float32),
+                             persistent=False)  # D_k: what the secondary alone costs for choice k
         self.gate_flops = flops_per_sample(self, example, call=self.gate_logits)
         self._eval_counts = torch.zeros(STAGES + 1)  # samples per choice in `predict`
         self.on_epoch_start(0)
@@ -153,7 +200,8 @@ class DynMMFusion(Method):
     # -- schedule -----------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
         o = self.options
-        self.temperature = temperature_at(epoch, o.temperature, o.end_temperature, o.epochs_hard)
+        self.temperature = temperature_at(epoch, o.temperature, o.end_temperature, o.epochs_hard,
+                                          hold=o.hold_end_temperature)
         self.hard = epoch >= o.epochs_hard
         self.random_paths = epoch < o.init_epochs
 
@@ -193,6 +241,13 @@ class DynMMFusion(Method):
             block = F.linear(F.linear(pooled, enc.proj.weight), self.head.weight)
             z_sec = z_sec + fuse[-1].view(-1, 1).to(block.dtype) * block
         return Output(logits, {self.primary: logits - z_sec, self.secondary: z_sec})
+
+    def secondary_stages(self, batch: Batch, k: int) -> torch.Tensor:
+        """The secondary's first k stages alone (what choice k adds; measured as D_k)."""
+        s = batch["inputs"][self.secondary]
+        for stage in self.stages(self.secondary)[:k]:
+            s = stage(s)
+        return s
 
     def forward_fixed(self, batch: Batch, k: int) -> Output:
         """Choice k for the whole batch: only the secondary's first k stages run."""
@@ -245,13 +300,19 @@ class DynMMFusion(Method):
             out = self.mixture(batch, weights)
         task = self.criterion(out.logits, batch["label"])
         flops = expected_flops(weights, costs)
-        over = torch.clamp(flops / costs.max() - self.options.flops_budget, min=0)
+        over = torch.clamp(self.resource_used(weights, flops) - self.options.flops_budget, min=0)
         loss = task if self.random_paths else task + self.options.resource_weight * over
         chosen = F.one_hot(weights.detach().argmax(1), STAGES + 1).float().mean(0)
         return self.backward_and_step(loss, optimizer, ctx, {
             "loss/task": task, "loss/resource": over, "dynmm/flops": flops,
             "dynmm/flops_saving": 1 - flops / costs.max(), "dynmm/temperature": self.temperature,
             **{f"dynmm/route_k{k}": chosen[k] for k in range(STAGES + 1)}})
+
+    def resource_used(self, weights: torch.Tensor, flops: torch.Tensor) -> torch.Tensor:
+        """What the budget bounds: E[FLOPs] / C_S, or the reference's mean_k(mean_b(w_k) · D_k)."""
+        if self.options.resource_secondary_gflops:
+            return (weights.mean(0) * self.secondary_flops * 1e-9).mean()
+        return flops / self.choice_flops.max()
 
     def epoch_metrics(self) -> dict[str, float]:
         """The measured cost (FLOPs per sample) of every choice and of the gate."""

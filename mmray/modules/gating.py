@@ -25,8 +25,14 @@ Batch = dict[str, Any]
 
 def gate_weights(logits: torch.Tensor, temperature: float = 1.0, hard: bool = False,
                  gumbel: bool = False) -> torch.Tensor:
-    """w = softmax((g [+ Gumbel noise]) / τ); hard: onehot(argmax w) − stopgrad(w) + w."""
-    logits = logits.float()
+    """w = softmax((g [+ Gumbel noise]) / τ); hard: onehot(argmax w) − stopgrad(w) + w.
+
+    Straight-through weights are the one-hot choice in value and the soft weights s in gradient:
+    ∂w_e/∂g_j = s_e (δ_ej − s_j) / τ, so τ both sharpens s and scales the gate's gradient.
+    Half-precision logits (autocast) are taken to float32 first.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if gumbel:
         logits = logits - torch.empty_like(logits).exponential_().log()  # + Gumbel(0, 1)
     soft = torch.softmax(logits / temperature, dim=-1)
@@ -65,12 +71,14 @@ class GateInput(nn.Module):
         parts = []
         for m, s in self.spec.modalities.items():
             x = batch["inputs"][m]
+            if not (s.kind == "text" or x.is_floating_point()):
+                x = x.float()
             if s.kind == "text":
                 h = self.embeds[m](x)
             elif x.dim() == 4:
-                h = F.adaptive_avg_pool2d(x.float(), self.pooled).flatten(1)
+                h = F.adaptive_avg_pool2d(x, self.pooled).flatten(1)
             else:
-                h = x.float().flatten(1)
+                h = x.flatten(1)
             parts.append(h * batch["present"][m].to(h.dtype).unsqueeze(1))
         return torch.cat(parts, dim=1)
 
