@@ -13,10 +13,10 @@ inside the fused model (`acc_<m>`) is how that is seen. BalanceBenchmark reports
   so a run logs `acc_<m>` equal to `acc`.
 - `unimodal_ensemble`: one encoder and head per modality, z_m = W_m h_m + b_m, trained together
   with loss Σ_m L(z_m, y), each member on its own loss only (no shared parameter, no fused loss:
-  every member's gradients are exactly those it would get trained alone). Prediction: the mean of
-  the members' logits, z = (1/M) Σ_m z_m, for single- and multi-label alike (for softmax this is
-  the normalised geometric mean of the members' probabilities; BalanceBenchmark averages
-  probabilities instead).
+  every member's gradients are exactly those it would get trained alone). Prediction: the
+  mean of the members' logits, z = (1/M) Σ_m z_m, not of their probabilities, for single- and
+  multi-label alike (under softmax: the normalised geometric mean of the members' class
+  probabilities). The logged `loss` is Σ_m L(z_m, y), with each member's as `loss/<m>`.
 
 Missing modalities: like every method, an absent modality's features are zeroed
 (`Method.features`), and each member trains on every sample of the batch, so a member sees what
