@@ -81,3 +81,17 @@ def test_ablations_that_say_reference_run_presets(path):
     assert used, f"{path.name} mentions the reference but runs no method that has presets"
     for name, presets in used.items():
         assert presets & {"reference", "reference_rgbd", "mla"}, (path.name, name, presets)
+
+
+def test_a_method_built_directly_resolves_its_preset(toy_presets):
+    from mmray.encoders import ModelConfig
+    from mmray.methods import MethodConfig, build_method
+
+    from helpers import SPEC
+
+    model = ModelConfig(width=2, feature_dim=4)
+    method = build_method(SPEC, model, MethodConfig("ogm_ge", preset="reference",
+                                                   options={"alpha": 0.3}))
+    assert method.options.conv_only is True and method.options.alpha == 0.3
+    with pytest.raises(ValueError, match="method.preset: method ogm_ge has no preset 'nope'"):
+        build_method(SPEC, model, MethodConfig("ogm_ge", preset="nope"))

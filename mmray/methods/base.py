@@ -101,7 +101,12 @@ class Method(nn.Module):
         self.spec = spec
         self.modalities = list(spec.modalities)
         self.method_cfg = method_cfg
-        self.options = self.Config(**method_cfg.options)
+        if method_cfg.preset and method_cfg.preset not in self.presets:
+            raise ValueError(f"method.preset: method {self.name} has no preset "
+                             f"{method_cfg.preset!r}; accepted: {sorted(self.presets)}")
+        # The preset under the given options (a checked config already holds them resolved).
+        self.options = self.Config(**{**self.presets.get(method_cfg.preset, {}),
+                                      **method_cfg.options})
         self.encoders = self.build_encoders(spec, model_cfg)
 
     @classmethod
