@@ -28,6 +28,15 @@ CASES = [(name, key) for name in sorted(METHODS) for key, spec in SPECS.items()
 
 
 def step_losses(name: str, spec, steps: int = 3) -> list[float]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # reductions split over threads round differently
+    try:
+        return _step_losses(name, spec, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _step_losses(name: str, spec, steps: int) -> list[float]:
     torch.manual_seed(0)
     method = build_method(spec, ModelConfig(width=4, feature_dim=8), MethodConfig(name))
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
