@@ -111,6 +111,15 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(RAY_TMP, ignore_errors=True)
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (tests/helpers.py: torch_threads)."""
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_ambient_tracking(monkeypatch):
     # Tests choose their own MLflow store; never write into one named by the caller's shell.

@@ -10,6 +10,7 @@ helpers from ray_procs), never from one another.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import asdict
 from pathlib import Path
@@ -146,3 +147,19 @@ def load_pipeline(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# -- torch ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block. One thread for loops of many tiny
+    steps (with the cores busy, the thread pool spin-waits: 30x slower here) and for values
+    pinned to the last bits (reductions split over threads round differently)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -304,15 +304,6 @@ def fraction_to_late_fusion(resource_weight: float) -> float:
     return method.routing_summary()["dynmm/route_late_fusion"]
 
 
-@pytest.fixture
-def one_thread():
-    # Hundreds of tiny steps: with the cores busy, torch's thread pool spin-waits and the same
-    # loop ran 30x slower here than on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_the_resource_loss_moves_routing_to_the_cheap_expert(one_thread):
     # λ = 0 sends everything to late fusion (it is never worse); a large λ sends everything to

@@ -19,7 +19,7 @@ import torch
 from mmray.encoders import ModelConfig
 from mmray.methods import METHODS, MethodConfig, StepContext, build_method
 
-from helpers import SPEC, SPEC3, SPEC_IT, make_batch
+from helpers import SPEC, SPEC3, SPEC_IT, make_batch, torch_threads
 
 PINNED = Path(__file__).with_name("pinned_steps.json")
 SPECS = {"2mod": SPEC, "3mod": SPEC3, "image-text": SPEC_IT}
@@ -28,12 +28,8 @@ CASES = [(name, key) for name in sorted(METHODS) for key, spec in SPECS.items()
 
 
 def step_losses(name: str, spec, steps: int = 3) -> list[float]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reductions split over threads round differently
-    try:
+    with torch_threads(1):  # reductions split over threads round differently
         return _step_losses(name, spec, steps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _step_losses(name: str, spec, steps: int) -> list[float]:

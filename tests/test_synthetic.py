@@ -188,15 +188,6 @@ def _features(root: Path, modality: str) -> tuple[torch.Tensor, torch.Tensor, to
             torch.tensor([r["split"] == "train" for r in rows]))
 
 
-@pytest.fixture
-def one_thread():
-    # Hundreds of tiny steps: with the cores busy, torch's thread pool spin-waits (the same
-    # training took 12 s alone and over 120 s beside other test runs on two threads).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _steps_to_learn(x, y, train, threshold: float, steps: int,
                     stop: bool = False) -> tuple[int | None, float]:
