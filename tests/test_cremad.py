@@ -236,7 +236,8 @@ def test_the_balance_grid_runs_on_cremad_with_one_override_of_the_data_root(ray_
     for cell in expand_grid(abl.grid):
         cfg = trial_experiment(base, cell, {})
         last = run_local(cfg, prepared.version_dir)[-1]
-        names.append(cfg.method.name)
+        names.append((cfg.method.name, cfg.method.preset))
         assert 0.0 <= last["test/acc"] <= 1.0 and "val/acc_visual" in last and "val/acc_audio" in last
         assert set(abl.report.metrics) <= set(last)  # the report's metrics are what runs log
-    assert names == ["normal", "ogm_ge", "qmf", "mla", "mla"]
+    assert names == [("normal", ""), ("ogm_ge", "reference"), ("ogm_ge", "paper"), ("qmf", "mla"),
+                     ("mla", "reference"), ("mla", "reference"), ("mla", "paper")]
