@@ -70,6 +70,26 @@ def clip_batch(present_image=(1, 1, 0), present_text=(1, 0, 1), seed: int = 0) -
             "label": torch.tensor([0, 1, 2][:b]), "id": [f"s{i}" for i in range(b)]}
 
 
+def clip_missing_batches() -> list[dict]:
+    """Three float64 image-text batches of 6 whose missing patterns cover every case (the
+    reference-port tests of MAP and REP step on them)."""
+    out = []
+    for step, (img, txt) in enumerate([((1, 1, 0, 1, 0, 1), (1, 0, 1, 1, 1, 0)),
+                                       ((0, 1, 1, 1, 0, 1), (1, 1, 0, 1, 1, 1)),
+                                       ((1, 0, 1, 1, 1, 1), (0, 1, 1, 1, 0, 1))]):
+        b = clip_batch(img, txt, seed=10 + step)
+        b["inputs"]["image"] = b["inputs"]["image"].double()
+        b["label"] = torch.tensor([(i + step) % SPEC_IT.num_classes for i in range(len(img))])
+        out.append(b)
+    return out
+
+
+def missing_type_codes(b: dict) -> list[int]:
+    """The MAP/REP references' missing_type per sample: 0 complete, 1 text missing, 2 image missing."""
+    return [0 if i and t else 1 if i else 2
+            for i, t in zip(b["present"]["image"].tolist(), b["present"]["text"].tolist(), strict=True)]
+
+
 def block_inputs(method, role: str, b: dict) -> list[torch.Tensor]:
     """The token sequence entering each residual block of a CLIP method's `role` tower."""
     seen = []

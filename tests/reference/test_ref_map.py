@@ -22,7 +22,7 @@ from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, build_method, check_method_config
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 
-from helpers import CPU, SPEC_IT, clip_batch
+from helpers import CPU, SPEC_IT, clip_missing_batches, missing_type_codes
 
 LR, WD, STEPS = 1e-2, 2e-2, 3
 ROLES = ("image", "text")
@@ -58,24 +58,6 @@ def pairs(port: MAPReference, method) -> list[tuple[str, torch.Tensor, torch.Ten
     return out
 
 
-def batches() -> list[dict]:
-    out = []
-    for step, (img, txt) in enumerate([((1, 1, 0, 1, 0, 1), (1, 0, 1, 1, 1, 0)),
-                                       ((0, 1, 1, 1, 0, 1), (1, 1, 0, 1, 1, 1)),
-                                       ((1, 0, 1, 1, 1, 1), (0, 1, 1, 1, 0, 1))]):
-        b = clip_batch(img, txt, seed=10 + step)
-        b["inputs"]["image"] = b["inputs"]["image"].double()
-        b["label"] = torch.tensor([(i + step) % SPEC_IT.num_classes for i in range(len(img))])
-        out.append(b)
-    return out
-
-
-def missing_type(b: dict) -> list[int]:
-    """The reference's missing_type: 0 complete, 1 text missing, 2 image missing."""
-    return [0 if i and t else 1 if i else 2
-            for i, t in zip(b["present"]["image"].tolist(), b["present"]["text"].tolist(), strict=True)]
-
-
 def test_map_reference_preset_steps_like_the_reference_code():
     method = make_map()
     port = port_for(method)
@@ -95,10 +77,10 @@ def test_map_reference_preset_steps_like_the_reference_code():
 
     opt_ours = torch.optim.AdamW(method.param_groups(WD), lr=LR, betas=(0.9, 0.98), eps=1e-8)
     opt_ref = torch.optim.AdamW(set_schedule_groups(port, LR, WD), lr=LR, betas=(0.9, 0.98), eps=1e-8)
-    for b in batches()[:STEPS]:
+    for b in clip_missing_batches()[:STEPS]:
         method.train(), port.train()
         logs = method.train_step(b, opt_ours, CPU)
-        loss = port.training_step(b["inputs"]["image"], b["inputs"]["text"], missing_type(b), b["label"])
+        loss = port.training_step(b["inputs"]["image"], b["inputs"]["text"], missing_type_codes(b), b["label"])
         opt_ref.zero_grad(set_to_none=True)
         loss.backward()
         opt_ref.step()

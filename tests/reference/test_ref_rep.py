@@ -27,7 +27,7 @@ from torch import nn
 from mmray.encoders import ModelConfig
 from mmray.methods import MethodConfig, build_method, check_method_config
 
-from helpers import CPU, SPEC_IT, clip_batch
+from helpers import CPU, SPEC_IT, clip_missing_batches, missing_type_codes
 
 LR, WD, STEPS = 1e-2, 2e-2, 3
 ROLES = ("image", "text")
@@ -165,24 +165,6 @@ def inject_dropout(port: REPReference, method, draws: DropoutDraws) -> None:
         getattr(ml, f"common_memory_projection_{r}").dropout = InjectedDropout(draws, ("shared", r))
 
 
-def batches() -> list[dict]:
-    out = []
-    for step, (img, txt) in enumerate([((1, 1, 0, 1, 0, 1), (1, 0, 1, 1, 1, 0)),
-                                       ((0, 1, 1, 1, 0, 1), (1, 1, 0, 1, 1, 1)),
-                                       ((1, 0, 1, 1, 1, 1), (0, 1, 1, 1, 0, 1))]):
-        b = clip_batch(img, txt, seed=10 + step)
-        b["inputs"]["image"] = b["inputs"]["image"].double()
-        b["label"] = torch.tensor([(i + step) % SPEC_IT.num_classes for i in range(len(img))])
-        out.append(b)
-    return out
-
-
-def missing_type(b: dict) -> list[int]:
-    """The reference's missing_type: 0 complete, 1 text missing, 2 image missing."""
-    return [0 if i and t else 1 if i else 2
-            for i, t in zip(b["present"]["image"].tolist(), b["present"]["text"].tolist(), strict=True)]
-
-
 @pytest.mark.parametrize("hatememes", [False, True], ids=["food101-mmimdb", "hatememes"])
 def test_rep_reference_preset_steps_like_the_reference_code(hatememes):
     extra = {"tune_output_layers": True, "learn_dynamic_attention": True} if hatememes else {}
@@ -206,12 +188,12 @@ def test_rep_reference_preset_steps_like_the_reference_code(hatememes):
 
     opt_ours = torch.optim.AdamW(method.param_groups(WD), lr=LR, betas=(0.9, 0.98), eps=1e-8)
     opt_ref = torch.optim.AdamW(set_schedule_groups(port, LR, WD), lr=LR, betas=(0.9, 0.98), eps=1e-8)
-    for step, b in enumerate(batches()[:STEPS]):
+    for step, b in enumerate(clip_missing_batches()[:STEPS]):
         method.train(), port.train()
         draws.new_step(step, len(b["label"]))
         logs = method.train_step(b, opt_ours, CPU)
         draws.new_step(step, len(b["label"]))
-        loss = port.training_step(b["inputs"]["image"], b["inputs"]["text"], missing_type(b), b["label"])
+        loss = port.training_step(b["inputs"]["image"], b["inputs"]["text"], missing_type_codes(b), b["label"])
         opt_ref.zero_grad(set_to_none=True)
         loss.backward()
         opt_ref.step()
