@@ -22,6 +22,7 @@ import torch
 
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.methods import StepContext
+from mmray.methods.base import MethodConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,18 @@ SPEC_IT = DatasetSpec("toy_it", {"image": ModalitySpec("image", (3, 32, 32)),
                                  "text": ModalitySpec("text", (32,), vocab_size=49408)}, num_classes=3)
 CPU = StepContext(device=torch.device("cpu"))
 CLIP_PATCHES = 17  # class token + 16 patches of the tiny CLIP
+
+
+def checked_method_config(*args, **kwargs) -> MethodConfig:
+    """A MethodConfig checked as a loaded config is (`check_method_config`): its preset
+    resolved and every option filled in; the check must pass."""
+    from mmray.methods import check_method_config
+
+    cfg = MethodConfig(*args, **kwargs)
+    errors: list[str] = []
+    check_method_config(cfg, "method", errors)
+    assert not errors, errors
+    return cfg
 
 
 def make_batch(spec: DatasetSpec, b: int = 6, seed: int = 0) -> dict:

@@ -11,11 +11,13 @@ from mmray.config import ConfigError
 from mmray.cost import flops_per_sample
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.dynmm import costliest_fraction, flops_saving, resource_loss
 from mmray.methods.dynmm_fusion import STAGES, stage_fusion_weights, temperature_at
 from mmray.modules.gating import expected_flops, gate_weights
 from mmray.train.experiment import load_experiment
+
+from helpers import checked_method_config
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 VEC = DatasetSpec("vec", {"text": ModalitySpec("vector", (16,)), "image": ModalitySpec("vector", (32,))},
@@ -35,10 +37,7 @@ def batch_of(spec: DatasetSpec, b: int = 8, seed: int = 0) -> dict:
 
 
 def built(name: str, spec: DatasetSpec, preset: str = "", **options):
-    cfg = MethodConfig(name, "concat", preset=preset, options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)  # resolves the preset, as a loaded config does
-    assert not errors, errors
+    cfg = checked_method_config(name, "concat", preset=preset, options=options)
     torch.manual_seed(0)
     return build_method(spec, MODEL, cfg)
 

@@ -12,18 +12,15 @@ import torch.nn.functional as F
 
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, build_method, check_method_config
+from mmray.methods import build_method
 from mmray.methods.map import initial_prompts, prompt_insertions
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 
-from helpers import CLIP_PATCHES, CPU, SPEC_IT, block_inputs, clip_batch
+from helpers import CLIP_PATCHES, CPU, SPEC_IT, block_inputs, checked_method_config, clip_batch
 
 
 def make_map(spec: DatasetSpec = SPEC_IT, preset: str = "", **options):
-    cfg = MethodConfig("map", preset=preset, options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)  # the preset's options under those given
-    assert not errors, errors
+    cfg = checked_method_config("map", preset=preset, options=options)
     torch.manual_seed(0)
     return build_method(spec, ModelConfig(), cfg)
 

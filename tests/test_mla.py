@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import StepContext, build_method
 from mmray.methods.mla import (
     MLA,
     batch_entropy_weights,
@@ -24,17 +24,14 @@ from mmray.methods.mla import (
     projector_update,
 )
 
-from helpers import ML_SPEC, SPEC, SPEC3, make_batch
+from helpers import ML_SPEC, SPEC, SPEC3, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=6)  # d = 6: nothing may assume 512
 CTX = StepContext(device=torch.device("cpu"))
 
 
 def _method(spec=SPEC, seed=0, preset="", **options):
-    cfg = MethodConfig("mla", preset=preset, options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)  # resolves the preset, as every run does
-    assert not errors, errors
+    cfg = checked_method_config("mla", preset=preset, options=options)
     torch.manual_seed(seed)
     return build_method(spec, MODEL, cfg)
 

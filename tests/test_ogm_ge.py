@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import MethodConfig, StepContext, build_method
 from mmray.methods.ogm_ge import (
     modulate_,
     ogm_coefficients,
@@ -18,17 +18,14 @@ from mmray.methods.ogm_ge import (
     reference_choice,
 )
 
-from helpers import ML_SPEC, SPEC, SPEC3, make_batch
+from helpers import ML_SPEC, SPEC, SPEC3, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 CPU = torch.device("cpu")
 
 
 def _method(spec=SPEC, preset="", fusion="concat", **options):
-    cfg = MethodConfig("ogm_ge", fusion, preset=preset, options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)  # resolves the preset
-    assert not errors
+    cfg = checked_method_config("ogm_ge", fusion, preset=preset, options=options)
     torch.manual_seed(0)
     return build_method(spec, MODEL, cfg)
 

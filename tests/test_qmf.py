@@ -13,20 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import StepContext, build_method
 from mmray.methods.qmf import LossHistory, confidence_fusion, energy_confidence, rank_loss
 
-from helpers import ML_SPEC, SPEC, SPEC3, make_batch
+from helpers import ML_SPEC, SPEC, SPEC3, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 CTX = StepContext(device=torch.device("cpu"))
 
 
 def _method(spec=SPEC, seed=0, preset="", **options):
-    cfg = MethodConfig(name="qmf", preset=preset, options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)
-    assert not errors, errors
+    cfg = checked_method_config(name="qmf", preset=preset, options=options)
     torch.manual_seed(seed)
     return build_method(spec, MODEL, cfg)
 

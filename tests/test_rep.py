@@ -10,20 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, build_method, check_method_config
+from mmray.methods import build_method
 from mmray.methods.rep import ResidualNet, replay, separation_loss
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 
-from helpers import CLIP_PATCHES, CPU, SPEC_IT, block_inputs, clip_batch
+from helpers import CLIP_PATCHES, CPU, SPEC_IT, block_inputs, checked_method_config, clip_batch
 
 CASES = torch.tensor([COMPLETE, MISSING_TEXT, MISSING_IMAGE])  # the cases of clip_batch()
 
 
 def make_rep(preset: str = "", **options):
-    cfg = MethodConfig("rep", preset=preset, options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)  # the preset's options under those given
-    assert not errors, errors
+    cfg = checked_method_config("rep", preset=preset, options=options)
     torch.manual_seed(0)
     return build_method(SPEC_IT, ModelConfig(), cfg)
 

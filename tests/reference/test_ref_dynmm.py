@@ -34,7 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import StepContext, build_method
+
+from helpers import checked_method_config
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -47,10 +49,7 @@ RGBD = DatasetSpec("rgbd", {"rgb": ModalitySpec("image", (3, 12, 12)),
 
 
 def build(name: str, spec: DatasetSpec, **options):
-    cfg = MethodConfig(name, preset="reference", options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)
-    assert not errors, errors
+    cfg = checked_method_config(name, preset="reference", options=options)
     torch.manual_seed(0)
     return build_method(spec, MODEL, cfg).double()
 

@@ -19,20 +19,17 @@ import torch
 from map_port import MAPReference, set_schedule_groups
 
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, build_method, check_method_config
+from mmray.methods import build_method
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 
-from helpers import CPU, SPEC_IT, clip_missing_batches, missing_type_codes
+from helpers import CPU, SPEC_IT, checked_method_config, clip_missing_batches, missing_type_codes
 
 LR, WD, STEPS = 1e-2, 2e-2, 3
 ROLES = ("image", "text")
 
 
 def make_map(**options):
-    cfg = MethodConfig("map", preset="reference", options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)
-    assert not errors, errors
+    cfg = checked_method_config("map", preset="reference", options=options)
     torch.manual_seed(0)
     return build_method(SPEC_IT, ModelConfig(), cfg).double()
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import StepContext, build_method
 from mmray.methods.mla import project_gradient_, projector_update
 
-from helpers import SPEC, SPEC3, make_batch
+from helpers import SPEC, SPEC3, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=6)
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -26,10 +26,7 @@ EPOCHS, BATCHES = 2, 2
 
 
 def build(spec, **options):
-    cfg = MethodConfig("mla", preset="reference", options=options)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)
-    assert not errors
+    cfg = checked_method_config("mla", preset="reference", options=options)
     torch.manual_seed(0)
     return build_method(spec, MODEL, cfg).double()
 

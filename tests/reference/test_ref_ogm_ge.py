@@ -36,9 +36,9 @@ from torch import nn
 
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import StepContext, build_method
 
-from helpers import SPEC, SPEC3
+from helpers import SPEC, SPEC3, checked_method_config
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 # Three conv modalities, so that every one has 4-D gradients for the reference to modulate (the
@@ -197,11 +197,8 @@ def reference_step_3(model, audio, visual, text, label, optimizer, epoch) -> dic
 
 
 def reference_method(spec: DatasetSpec):
-    cfg = MethodConfig("ogm_ge", "concat", preset="reference",
+    cfg = checked_method_config("ogm_ge", "concat", preset="reference",
                        options={"alpha": ALPHA, "modulation_starts": 0, "modulation_ends": ENDS})
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)
-    assert not errors
     torch.manual_seed(0)
     method = build_method(spec, MODEL, cfg)
     with torch.no_grad():  # confident heads, so that each modality can dominate a batch

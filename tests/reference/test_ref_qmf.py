@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from mmray.encoders import ModelConfig
-from mmray.methods import MethodConfig, StepContext, build_method, check_method_config
+from mmray.methods import StepContext, build_method
 
-from helpers import SPEC, make_batch
+from helpers import SPEC, checked_method_config, make_batch
 
 N_DATA, BATCH, EPOCHS = 10, 4, 2
 MODEL = ModelConfig(width=4, feature_dim=8)
@@ -165,10 +165,7 @@ BRANCHES = {
 
 
 def _method(preset: str):
-    cfg = MethodConfig(name="qmf", preset=preset)
-    errors: list[str] = []
-    check_method_config(cfg, "method", errors)  # the preset resolved as a config resolves it
-    assert not errors, errors
+    cfg = checked_method_config(name="qmf", preset=preset)
     torch.manual_seed(0)
     method = build_method(SPEC, MODEL, cfg)
     with torch.no_grad():  # larger logits spread the confidences, so that the hinges fire
