@@ -141,14 +141,11 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         errors.extend(method.preflight(cfg.method.options))
     if cfg.model.encoder == "timm" and not timm_model_known(cfg.model.timm_name):
         errors.append(f"model.timm_name: unknown timm model {cfg.model.timm_name!r}; e.g. resnet18")
-    clip_names = {"model.open_clip_model": cfg.model.open_clip_model} if (
-        "open_clip" in (cfg.model.encoder, cfg.model.text_encoder)) else {}
-    if cfg.data.text.tokenizer == "open_clip":
-        clip_names["data.text.open_clip_model"] = cfg.data.text.open_clip_model
-    for where, name in clip_names.items():
-        if clip_input_sizes(name) is None:
-            errors.append(f"{where}: unknown open_clip model {name!r}; e.g. ViT-B-16, or "
-                          "mmray-tiny for tests")
+    # (model.open_clip_model is checked with the config whenever a CLIP tower is used.)
+    name = cfg.data.text.open_clip_model
+    if cfg.data.text.tokenizer == "open_clip" and clip_input_sizes(name) is None:
+        errors.append(f"data.text.open_clip_model: unknown open_clip model {name!r}; e.g. "
+                      "ViT-B-16, or mmray-tiny for tests")
     return errors
 
 
