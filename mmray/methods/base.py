@@ -10,7 +10,7 @@ the one place where gradients are made, averaged across workers, measured and ap
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -60,6 +60,13 @@ class StepContext:
     amp_dtype: torch.dtype | None = None
     # Averages gradients across Ray Train workers (a no-op with one worker).
     sync_grads: Callable[[nn.Module], None] = lambda module: None
+    # Sums a tensor over Ray Train workers (the tensor itself with one worker): for statistics a
+    # method gathers over the data before its steps (`Method.before_epoch`).
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # This epoch's train batches: this worker's shard, in the order this epoch's steps get them
+    # (the same shuffle seed), with the epoch's missing-modality table applied. Set by the loop
+    # each epoch; a method may pass over them in `before_epoch`, as often as it needs.
+    train_batches: Callable[[], Iterable[Batch]] = lambda: iter(())
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -230,6 +237,14 @@ class Method(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (e.g. to reset per-epoch statistics)."""
+
+    def before_epoch(self, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict[str, float]:
+        """Work on the data before the epoch's first step, after `on_epoch_start` and in train
+        mode: e.g. PMR's class prototypes over `ctx.train_batches()`, G-Blending's weights
+        estimated by training a copy of the model. Statistics summed over workers go through
+        `ctx.reduce_sum`. The epoch's seed is set before it, so a resumed run redoes it
+        exactly. Returns values to log for the epoch (`train/<key>`); {} by default."""
+        return {}
 
     def epoch_metrics(self) -> dict[str, float]:
         """Method-specific values to log once per epoch (e.g. OGM-GE coefficients)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import random
@@ -160,6 +161,7 @@ def train_epoch(state: RunState, batches: Iterable[Batch], ctx: StepContext) -> 
     method = state.method
     method.train()
     method.on_epoch_start(ctx.epoch)
+    before = method.before_epoch(state.optimizer, ctx)
     logs: dict[str, list] = {}
     for i, batch in enumerate(batches):
         ctx.batch_idx = i
@@ -169,6 +171,7 @@ def train_epoch(state: RunState, batches: Iterable[Batch], ctx: StepContext) -> 
     if state.scheduler is not None:
         state.scheduler.step()
     metrics = {f"train/{k}": _mean(v) for k, v in logs.items()}
+    metrics.update({f"train/{k}": float(v) for k, v in before.items()})
     metrics.update(method.epoch_metrics())
     return metrics
 
@@ -256,12 +259,15 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
     last), so model selection never sees it; `select/epoch` records which.
     """
     missing = split_specs(cfg.data.missing)
+    if reduce is not None:
+        ctx.reduce_sum = reduce
     for epoch in range(state.epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 100_003 + epoch)
         ctx.epoch = epoch
         lr = state.optimizer.param_groups[0]["lr"]  # this epoch's; the scheduler steps at its end
         t0 = time.perf_counter()
-        metrics = train_epoch(state, batches("train", epoch, missing["train"]), ctx)
+        ctx.train_batches = functools.partial(batches, "train", epoch, missing["train"])
+        metrics = train_epoch(state, ctx.train_batches(), ctx)
         metrics["time/train_epoch_s"] = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1
         cost_split = "test" if "test" in splits else "val"  # the run's last evaluation
