@@ -81,3 +81,17 @@ def test_a_setup_error_fails_the_run_once_without_retries(tiny_data, tmp_path):
     with pytest.raises(SetupError, match="small encoders take no pretrained weights"):
         fit_trainer(trainer)
     assert len(setup_errors(trainer.train_loop_config)) == 1  # one attempt, not 1 + max_failures
+
+
+def test_a_method_the_dataset_cannot_run_is_named_before_any_work(tmp_path):
+    from mmray.data.sources.synthetic import SyntheticConfig, generate
+
+    root = tmp_path / "syn3"
+    generate(SyntheticConfig(num_samples=30, modalities=["audio", "image", "text"],
+                             strength={"audio": 0.9, "image": 0.5, "text": 0.5}), root)
+    cfg = load_experiment(None, [f"data.root={root}", "method.name=dynmm"])
+    problems = preflight(cfg)
+    assert len(problems) == 1 and problems[0].startswith("method.name: dynmm needs exactly 2 "
+                                                         "modalities"), problems
+    assert "'audio', 'image', 'text'" in problems[0]
+    assert preflight(load_experiment(None, [f"data.root={root}", "method.name=normal"])) == []

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmray.config import bounds, load_config
-from mmray.data.sources import DataConfig
+from mmray.data.sources import DataConfig, get_source
 from mmray.encoders import ModelConfig
 from mmray.encoders.pretrained import clip_input_sizes, timm_model_known
 from mmray.methods import METHODS, MethodConfig, check_method_config
@@ -118,10 +118,24 @@ def _missing_file(path: str, where: str, errors: list[str]) -> None:
                       "from local files)")
 
 
+def _unsupported(method, data: DataConfig) -> str:
+    """Why `method` is not defined for the dataset `data` names (its modality count or kinds, a
+    multi-label task), when the dataset's spec can be read from its raw folder's index without
+    preprocessing; "" otherwise (the workers check it again when they build the method)."""
+    if "://" in data.root or not Path(data.root).expanduser().is_dir():
+        return ""
+    try:
+        spec = get_source(data.dataset).spec(data)
+    except Exception:  # noqa: BLE001 - a bad layout is reported, naming its file, by preprocessing
+        return ""
+    return method.unsupported(spec)
+
+
 def preflight(cfg: ExperimentConfig) -> list[str]:
     """What `cfg` names that this machine must have, checked before any work starts (no Ray, no
     data read): the raw data folder, every local weights file (model.weights, model.clip_weights,
-    each path option of the method), and the timm / open_clip model and tokenizer names.
+    each path option of the method), the timm / open_clip model and tokenizer names, and that the
+    method is defined for the dataset (`Method.unsupported`: e.g. multi-label, 3 modalities).
     Returns the problems, one line each; [] when there are none."""
     errors: list[str] = []
     root = cfg.data.root
@@ -139,6 +153,8 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
             if f.metadata.get("path") and isinstance(value, str):
                 _missing_file(value, f"method.options.{f.name}", errors)
         errors.extend(method.preflight(cfg.method.options))
+        if reason := _unsupported(method, cfg.data):
+            errors.append(f"method.name: {reason}")
     if cfg.model.encoder == "timm" and not timm_model_known(cfg.model.timm_name):
         errors.append(f"model.timm_name: unknown timm model {cfg.model.timm_name!r}; e.g. resnet18")
     # (model.open_clip_model is checked with the config whenever a CLIP tower is used.)
