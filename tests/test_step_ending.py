@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import mmray.methods
 from mmray.encoders import ModelConfig
@@ -19,6 +20,8 @@ from helpers import SPEC, SPEC_IT, make_batch
 
 METHODS_DIR = Path(mmray.methods.__file__).parent
 ENDING = ("base.py", "Method.backward_and_step")
+# Per-task gradients for a method to combine (MMPareto) are made here, never applied here.
+TASK_GRADS = ("base.py", "Method.task_grads")
 # Calls that make, average or apply gradients: only the ending may make them. `.step(` counts on
 # an optimizer (or a grad scaler); a module's own `step` (REP's TowerBuffers.step) is no update.
 GRADIENT_CALLS = {"backward", "zero_grad", "sync_grads", "grad"}
@@ -53,6 +56,8 @@ def test_only_the_base_ending_backpropagates_averages_and_steps():
         for scope, name, line in _gradient_calls(path):
             if (path.name, scope) == ENDING:
                 steps += [name] if name == "step" else []
+            elif (path.name, scope) == TASK_GRADS and name == "grad":
+                continue
             else:
                 outside.append(f"{path.name}:{line} {scope or '<module>'} calls .{name}(")
     assert not outside, ("gradients are made and applied only in Method.backward_and_step; "
@@ -166,3 +171,16 @@ def test_every_method_steps_only_through_the_ending(name, monkeypatch):
     assert events and events[::2] == ["ending"] * (len(events) // 2)
     assert events[1::2] == ["step"] * (len(events) // 2)
     assert torch.isfinite(logs["loss"])
+
+
+def test_task_grads_are_each_losses_own_gradient_and_leave_grad_alone():
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    unused = nn.Parameter(torch.tensor([3.0]))
+    x = w * torch.tensor([3.0, 4.0])
+    losses = {"a": x.sum(), "b": (x**2).sum()}
+    grads = Method.task_grads(losses, [w, unused])
+    assert torch.equal(grads["a"][0], torch.tensor([3.0, 4.0]))
+    assert torch.equal(grads["b"][0], torch.tensor([2 * 3.0 * 3.0, 2 * 8.0 * 4.0]))
+    assert torch.equal(grads["a"][1], torch.zeros(1)) and w.grad is None
+    (losses["a"] + losses["b"]).backward()  # the graph is still there for the step
+    assert torch.equal(w.grad, grads["a"][0] + grads["b"][0])

@@ -206,6 +206,19 @@ class Method(nn.Module):
         optimizer.step()
         return out
 
+    @staticmethod
+    def task_grads(losses: dict[str, torch.Tensor],
+                   params: list[nn.Parameter]) -> dict[str, list[torch.Tensor]]:
+        """Each loss's own gradient with respect to `params`, without touching `.grad` (a zero
+        tensor where a loss does not reach a parameter): for a method that combines per-task
+        gradients (MMPareto) in its `edit_grads`. The graph is kept for the step's backward;
+        each call costs one backward pass per loss."""
+        out = {}
+        for name, loss in losses.items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            out[name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        return out
+
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         """One optimisation step on one batch; returns the values to log. A method with its own
         loss or gradient edits overrides this and still ends with `backward_and_step`."""
