@@ -3,6 +3,7 @@ prototypes, G-Blending's weight estimate). Plain torch: `fit` on in-memory batch
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmray.data.spec import DatasetSpec, ModalitySpec
@@ -72,3 +73,7 @@ def test_before_epoch_passes_over_the_epochs_train_batches_in_step_order_and_log
     assert method.mode_in_pass == [True, True]
     assert [h["train/pass_samples"] for h in history] == [16.0, 16.0]  # summed over "workers"
     assert reduced == [8.0, 8.0]
+    # The last epoch also logs the run's mean training time per epoch (the report's cost).
+    times = [h["time/train_epoch_s"] for h in history]
+    assert history[-1]["cost/train_epoch_s"] == pytest.approx(sum(times) / 2)
+    assert "cost/train_epoch_s" not in history[0]

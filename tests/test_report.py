@@ -333,12 +333,13 @@ def test_html_report_renders_tables_and_images_in_chromium(sweep, tmp_path):
     page.write_text(html_text.replace("</body>", _PROBE + "</body>"))
     dom = _Dom(_dump_dom(browser, page, tmp_path / "profile"))
     assert dom.body.get("data-loaded") == "1", "the page's load event never fired"
-    cells, robust, comps = dom.tables
+    cells, robust, comps, cost = dom.tables
     assert cells[0][:4] == ["method.name", "data.missing.test_rate", "seeds", "test/acc"]
     assert cells[1][:4] == ["normal", "0.0", "3", "0.7500 ± 0.0500 [0.6258, 0.8742]"]
     assert robust[0] == ["cell", "both η=0.5", "both η=0.9", "image η=0.5"] and len(robust) == 1 + 4
     assert len(cells) == 1 + 4 and len(comps) == 1 + 2
     assert comps[0][6:8] == ["p", "p (Holm)"] and comps[1][2] == "3"
+    assert cost[0][0] == "cell" and "FLOPs / sample" in cost[0] and len(cost) == 1 + 4
     widths = {i["src"]: int(i["data-width"]) for i in dom.images}
     assert widths.pop("no-such-file.png") == 0  # a missing file is caught
     assert sorted(widths) == sorted(PNGS) and all(w > 0 for w in widths.values()), widths
@@ -390,3 +391,40 @@ def test_without_test_metrics_the_selection_metric_is_reported_and_flagged(tmp_p
     assert "| a | 2 | 0.6000 ± 0.1414" in text
     empty = to_markdown(build_report([], opts, "t", {}, tmp_path).blocks)
     assert "0 selected runs in 0 grid cells" in empty
+
+
+def test_further_baselines_are_tested_alike_and_costs_are_set_beside_the_baselines(tmp_path):
+    from mmray.report.compare import CellResult, ReportOptions
+    from mmray.report.render import to_markdown
+    from mmray.report.writer import build_report
+
+    acc = {"normal": [0.5, 0.6, 0.7], "x": [0.7, 0.7, 0.9], "ens": [0.6, 0.8, 0.8]}
+    secs = {"normal": [2.0, 2.0, 2.0], "x": [5.0, 7.0, 6.0], "ens": [3.0, 3.0, 3.0]}
+    cells = [CellResult({"method": m}, {s: f"{m}-{s}" for s in "012"},
+                        {"test/acc": dict(zip("012", acc[m], strict=True)),
+                         "cost/train_epoch_s": dict(zip("012", secs[m], strict=True)),
+                         "cost/params": dict.fromkeys("012", 10.0)}) for m in acc]
+    opts = ReportOptions(axes=("method",), baseline=("method", "normal"),
+                         also_against=(("method", "ens"),), values={"method": list(acc)})
+    report = build_report(cells, opts, "t", {}, tmp_path)
+    text = to_markdown(report.blocks)
+    assert "Paired tests against the baseline `method=normal`" in text
+    assert "Paired tests against the baseline `method=ens`" in text
+    (more,) = report.data["also_against"]
+    assert more["baseline"] == {"axis": "method", "value": "ens"}
+    by_cell = {c["cell"]["method"]: c for c in more["comparisons"]["test/acc"]}
+    assert set(by_cell) == {"normal", "x"}
+    assert by_cell["x"]["mean_diff"] == pytest.approx((0.1 - 0.1 + 0.1) / 3)
+    assert by_cell["normal"]["mean_diff"] == pytest.approx((-0.1 - 0.2 - 0.1) / 3)
+    cost = text.split("## Cost")[1]
+    assert "| cell | s / train epoch | time ÷ baseline | params |" in cost
+    assert "| method=x | 6.0000 | 3.0000 | 10 |" in cost  # 6 s against Normal's 2 s
+    assert "| method=normal | 2.0000 | 1.0000 | 10 |" in cost
+    assert "| method=ens | 3.0000 | 1.5000 | 10 |" in cost
+
+
+def test_further_baselines_must_be_grid_values():
+    with pytest.raises(ConfigError, match=r"report.also_against\[0\].method.name: 'mla' is not a value"):
+        ablation(also_against=[{"method.name": "mla"}])
+    assert report_options(ablation(also_against=[{"method.name": "ogm_ge"}])).also_against == (
+        ("method.name", "ogm_ge"),)

@@ -19,5 +19,8 @@ class ReportConfig:
     # value by its label, e.g. {method: normal} for method: [{name: normal}, ...]). Empty: the
     # first value of the first non-seed axis.
     baseline: dict[str, Any] = field(default_factory=dict)
+    # Further baselines, each a mapping like `baseline` on the same or another axis, every cell
+    # tested against each the same way (e.g. [{method: unimodal_ensemble}] beside Normal).
+    also_against: list[dict[str, Any]] = field(default_factory=list)
     # Test metrics tested and plotted; empty: search.metric with val/ replaced by test/.
     metrics: list[str] = field(default_factory=list)

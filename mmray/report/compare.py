@@ -64,6 +64,8 @@ class ReportOptions:
     values: dict[str, list[str]] = field(default_factory=dict)
     # (axis, value label) every other value of that axis is tested against; None: no tests.
     baseline: tuple[str, str] | None = None
+    # Further (axis, value label) baselines, each tested like `baseline`.
+    also_against: tuple[tuple[str, str], ...] = ()
     # Main metrics (tested, plotted); empty: the search metric with val/ replaced by test/.
     metrics: tuple[str, ...] = ()
     # Which epoch of a run its test metrics come from (train.select): best_val or last.

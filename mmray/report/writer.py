@@ -27,13 +27,18 @@ CI_NAME = f"{stats.LEVEL:.0%} CI"
 ONE_SEED = "(n = 1): a single seed, whose std and confidence interval are undefined."
 
 
+def _grid_value(abl: AblationConfig, baseline: dict) -> tuple[str, str]:
+    """(axis, label of the grid value) a `{axis: value}` mapping of the report config names."""
+    key, value = next(iter(baseline.items()))
+    match = next(v for v in abl.grid[key] if v == value or value_label(v) == value_label(value))
+    return key, value_label(match)
+
+
 def resolve_baseline(abl: AblationConfig) -> tuple[str, str] | None:
     """(axis, value label) from `report.baseline`, else the first value of the first non-seed
     axis; None when the grid has no non-seed axis."""
     if abl.report.baseline:
-        key, value = next(iter(abl.report.baseline.items()))
-        match = next(v for v in abl.grid[key] if v == value or value_label(v) == value_label(value))
-        return key, value_label(match)
+        return _grid_value(abl, abl.report.baseline)
     axes = [k for k in abl.grid if k != SEED_KEY]
     return (axes[0], value_label(abl.grid[axes[0]][0])) if axes else None
 
@@ -41,6 +46,7 @@ def resolve_baseline(abl: AblationConfig) -> tuple[str, str] | None:
 def report_options(abl: AblationConfig) -> ReportOptions:
     return ReportOptions(search_metric=abl.search.metric, mode=abl.search.mode,
                          axes=tuple(abl.grid), baseline=resolve_baseline(abl),
+                         also_against=tuple(_grid_value(abl, b) for b in abl.report.also_against),
                          values={k: [value_label(v) for v in vs] for k, vs in abl.grid.items()},
                          metrics=tuple(abl.report.metrics),
                          epoch_select=abl.experiment.train.select)
@@ -204,11 +210,11 @@ def protocol_text(options: ReportOptions, n_trials: int, n_cells: int) -> str:
             f"[{CI_NAME} of the mean, Student t with n − 1 df]. Test metrics never select.")
 
 
-def comparison_blocks(results: list[CellResult], options: ReportOptions, axes: list[str],
+def comparison_blocks(baseline: tuple[str, str] | None, axes: list[str],
                       comps: dict[str, list[Comparison]]) -> list[Block]:
-    if options.baseline is None:
+    if baseline is None:
         return [Heading("Paired tests"), Text("No baseline: the grid has no non-seed axis.")]
-    axis, value = options.baseline
+    axis, value = baseline
     blocks: list[Block] = [Heading(f"Paired tests against the baseline `{axis}={value}`")]
     for metric, cs in comps.items():
         n_tested = sum(c.test.p is not None for c in cs)
@@ -255,6 +261,41 @@ def imbalance_blocks(imb: imbalance.Imbalance, axes: list[str]) -> list[Block]:
     return blocks
 
 
+COST_COLUMNS = (("cost/train_epoch_s", "s / train epoch"), ("cost/flops_per_sample", "FLOPs / sample"),
+                ("cost/params", "params"), ("cost/trainable_params", "trainable params"))
+
+
+def cost_blocks(results: list[CellResult], options: ReportOptions, axes: list[str]) -> list[Block]:
+    """What each cell costs: mean training time per epoch (and its ratio to the baseline cell's,
+    matched as the paired tests are), FLOPs per test sample and parameters, mean over seeds."""
+    cols = [(m, name) for m, name in COST_COLUMNS if any(r.values(m) for r in results)]
+    if not cols:
+        return []
+    time_key = COST_COLUMNS[0][0]
+    base_of = {id(c.cell): c.baseline for c in compare.comparisons(results, options.baseline, time_key)}
+    header = ["cell", *(name for _, name in cols)]
+    with_ratio = bool(base_of)
+    if with_ratio:
+        header.insert(2, "time ÷ baseline")
+    rows = []
+    for r in results:
+        row = [compare.cell_label(r.cell, axes)]
+        row += [("–" if not r.values(m) else f"{compare.describe_cell(r, m).mean:.0f}"
+                 if m.endswith("params") else fmt(compare.describe_cell(r, m).mean)) for m, _ in cols]
+        if with_ratio:
+            axis, value = options.baseline
+            base = r if r.cell.get(axis) == value else base_of.get(id(r))
+            own = compare.describe_cell(r, time_key).mean if r.values(time_key) else None
+            ref = compare.describe_cell(base, time_key).mean if base and base.values(time_key) else None
+            row.insert(2, fmt(own / ref) if own is not None and ref else "–")
+        rows.append(row)
+    return [Heading("Cost"), Text(
+        "Mean over seeds of each run's training seconds per epoch (wall clock of its workers, "
+        "trials running side by side share the machine), FLOPs per test sample of the model it "
+        "reports, and its parameters. `time ÷ baseline`: the cell's time over its baseline "
+        "cell's."), Table(header, rows, "cost")]
+
+
 def build_report(results: list[CellResult], options: ReportOptions, title: str,
                  hist: dict[str, dict], out_dir: Path) -> Report:
     """The document, its numbers and its figures (drawn into `out_dir`); no MLflow."""
@@ -262,6 +303,8 @@ def build_report(results: list[CellResult], options: ReportOptions, title: str,
     results = compare.order_cells(results, axes, options.values)
     options, note = compare.with_available_metrics(results, options)
     comps = {m: compare.comparisons(results, options.baseline, m) for m in options.main_metrics}
+    more = {b: {m: compare.comparisons(results, b, m) for m in options.main_metrics}
+            for b in options.also_against}
     curves = curve_series(results, axes, options.search_metric, hist)
     images = draw_plots(results, options, axes, curves, out_dir)
     n_trials = sum(len(r.seeds) for r in results)
@@ -278,12 +321,18 @@ def build_report(results: list[CellResult], options: ReportOptions, title: str,
                             "with η of its samples missing a modality (the type), from the "
                             "same stored tables for every method: mean ± std [95% CI] over "
                             "seeds."), table]
-    blocks += comparison_blocks(results, options, axes, comps)
+    blocks += comparison_blocks(options.baseline, axes, comps)
+    for b, cs in more.items():
+        blocks += comparison_blocks(b, axes, cs)
+    blocks += cost_blocks(results, options, axes)
     imb = imbalance.imbalance(results, options.main_metrics[0], options.mode)
     blocks += imbalance_blocks(imb, axes)
     blocks += [Heading("Plots"), *(images or [Text("No plots: the runs logged no histories, "
                                                    "missing-rate or cost metrics.")])]
     data = {**report_json(results, options, axes, comps, curves, images),
+            "also_against": [{"baseline": {"axis": b[0], "value": b[1]},
+                              "comparisons": {m: [_comparison_json(c) for c in cs]
+                                              for m, cs in more[b].items()}} for b in more],
             **imbalance.to_json(imb, axes)}
     return Report(blocks, data, images)
 

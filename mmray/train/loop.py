@@ -290,6 +290,9 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
         metrics["time/eval_s"] = time.perf_counter() - t_eval  # the last epoch's includes cost
         if last:
             metrics["cost/trainable_params"] = float(count_params(state.method, trainable_only=True))
+            # The run's mean training time per epoch (a resumed run's earlier epochs included).
+            times = [h["time/train_epoch_s"] for h in state.history] + [metrics["time/train_epoch_s"]]
+            metrics["cost/train_epoch_s"] = sum(times) / len(times)
         metrics["epoch"] = epoch
         metrics["lr"] = lr
         state.epoch = epoch + 1

@@ -106,16 +106,16 @@ class ResourcesConfig:
 
 
 def _check_baseline(baseline: dict[str, Any], grid: dict[str, list[Any]],
-                    errors: list[str]) -> None:
+                    errors: list[str], where: str = "report.baseline") -> None:
     axes = [k for k in grid if k != "seed"]
     if len(baseline) > 1:
-        errors.append(f"report.baseline: {baseline!r} must name one grid axis; accepted: {axes}")
+        errors.append(f"{where}: {baseline!r} must name one grid axis; accepted: {axes}")
     for key, value in baseline.items():
         if key not in axes:
-            errors.append(f"report.baseline.{key}: not a non-seed grid axis; accepted: {axes}")
+            errors.append(f"{where}.{key}: not a non-seed grid axis; accepted: {axes}")
         elif not any(v == value or value_label(v) == value_label(value) for v in grid[key]):
             labels = [value_label(v) for v in grid[key]]
-            errors.append(f"report.baseline.{key}: {value!r} is not a value of grid.{key}; "
+            errors.append(f"{where}.{key}: {value!r} is not a value of grid.{key}; "
                           f"accepted: {labels}")
 
 
@@ -160,6 +160,10 @@ class AblationConfig:
             elif not has_path(base, key):
                 errors.append(f"search.space.{key}: not a key of the experiment config")
         _check_baseline(self.report.baseline, self.grid, errors)
+        for i, other in enumerate(self.report.also_against):
+            if not other:
+                errors.append(f"report.also_against[{i}]: empty; name one grid axis and its value")
+            _check_baseline(other, self.grid, errors, f"report.also_against[{i}]")
 
 
 def trial_experiment(base: dict, cell: dict[str, Any], params: dict[str, Any],
