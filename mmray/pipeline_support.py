@@ -49,6 +49,7 @@ SMOKE_OVERRIDES = [
 def smoke_overrides(workdir: str | Path) -> list[str]:
     """Overrides that shrink any config to seconds and keep every file under `workdir`."""
     w = Path(workdir)
+    w.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{w / 'mlflow.db'}"
     return [*SMOKE_OVERRIDES, f"data.root={w / 'raw'}", f"data.data_dir={w / 'shards'}"]
 

@@ -24,19 +24,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="finish the sweep of this name if it exists (else start it)")
     p.add_argument("--report-dir", default="reports",
                    help="where the report goes: <dir>/<ablation>/report.{md,html,json} + PNGs")
+    p.add_argument("--smoke-dir", help="with --smoke: keep its files (data, runs, MLflow store, "
+                   "report) in this folder instead of a temporary one")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mmray-smoke-") as tmp:
+        work = Path(args.smoke_dir).resolve() if args.smoke_dir else Path(tmp)
         overrides = list(args.overrides)
-        if args.smoke:
-            overrides = [*smoke_overrides(tmp), f"storage_path={tmp}/runs", "grid={seed: [0, 1]}",
-                         "report.baseline={}",  # the smoke grid has no axis to compare along
-                         *overrides]
+        if args.smoke:  # every cell of the grid, one seed, one trial each, tiny
+            overrides = [*smoke_overrides(work), f"storage_path={work}/runs", "grid.seed=[0]",
+                         "search.num_samples=1", *overrides]
         try:
             abl: AblationConfig = load_ablation(args.config, overrides)
             preflight_ablation(abl)  # files and names of every cell, before Ray starts
         except ConfigError as e:
             return fail(e)
-        return run(abl, args.resume, Path(tmp if args.smoke else args.report_dir) / abl.name)
+        return run(abl, args.resume, (work if args.smoke else Path(args.report_dir)) / abl.name)
 
 
 def run(abl: AblationConfig, resume: bool, report_dir: Path) -> int:
