@@ -29,7 +29,7 @@ def test_defaults_are_valid():
     ("train.lr=-1", "train.lr: -1.0 is out of range; accepted: (0.0, 10.0]"),
     ("train.epochs=x", "train.epochs: expected an integer, got 'x'"),
     ("train.optimizer=lbfgs", "train.optimizer: 'lbfgs' is not accepted; accepted: one of 'sgd', 'adam', 'adamw'"),
-    ("method.name=nope", "method.name: unknown method 'nope'; known: ['dynmm', 'dynmm_fusion', "),
+    ("method.name=nope", "method.name: unknown method 'nope'; known: ['agm', 'dynmm', 'dynmm_fusion', "),
     ("data.dataset=nope", "data.dataset: unknown dataset 'nope'; known: ["),
     ("bogus.key=1", "bogus: unknown key; known: ["),
     ("train.bogus=1", "train.bogus: unknown key; known: ["),

@@ -7,30 +7,49 @@ import dataclasses
 from mmray.config import convert
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
+from mmray.methods.agm import AGM
 from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
 from mmray.methods.dynmm import DynMM
 from mmray.methods.dynmm_fusion import DynMMFusion
+from mmray.methods.gblending import GBlending
+from mmray.methods.greedy import Greedy
 from mmray.methods.m2pt import M2PT
 from mmray.methods.map import MAP
 from mmray.methods.mla import MLA
+from mmray.methods.mmcosine import MMCosine
+from mmray.methods.mmpareto import MMPareto
 from mmray.methods.normal import Normal
 from mmray.methods.ogm_ge import OGMGE
+from mmray.methods.opm import OPM
+from mmray.methods.pmr import PMR
 from mmray.methods.qmf import QMF
+from mmray.methods.reconboost import ReconBoost
 from mmray.methods.rep import REP
 from mmray.methods.reprogram import Reprogram
 from mmray.methods.unimodal import Unimodal, UnimodalEnsemble
 
 METHODS: dict[str, type[Method]] = {
     Normal.name: Normal,
+    # Modality imbalance
     OGMGE.name: OGMGE,
     QMF.name: QMF,
     MLA.name: MLA,
+    MMPareto.name: MMPareto,
+    GBlending.name: GBlending,
+    AGM.name: AGM,
+    PMR.name: PMR,
+    OPM.name: OPM,
+    ReconBoost.name: ReconBoost,
+    Greedy.name: Greedy,
+    MMCosine.name: MMCosine,
+    # Dynamic fusion, missing modalities, cross-modal transfer
     DynMM.name: DynMM,
     DynMMFusion.name: DynMMFusion,
     MAP.name: MAP,
     REP.name: REP,
     M2PT.name: M2PT,
     Reprogram.name: Reprogram,
+    # The unimodal references
     Unimodal.name: Unimodal,
     UnimodalEnsemble.name: UnimodalEnsemble,
 }
