@@ -4,6 +4,7 @@ run with its own diagnostics, and writes the report with both baselines' tests a
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ablations" / "balance_all.yaml"
 pytestmark = pytest.mark.ray
 # A metric each method logs of its own (averaged over the epoch's steps or once an epoch).
-OWN_DIAGNOSTIC = {"ogm_ge": "train/ogm/coeff_audio", "mla": "train/loss/audio"}
+OWN_DIAGNOSTIC = {
+    "ogm_ge": "train/ogm/coeff_audio", "qmf": "train/qmf/conf_image", "mla": "train/loss/audio",
+    "mmpareto": "train/pareto/conflict_image", "gblending": "gblend/w_image",
+    "agm": "train/agm/coeff_image", "pmr": "train/pmr/proto_samples", "opm": "train/opm/drop_prob_audio",
+    "reconboost": "train/recon/active", "greedy": "train/greedy/curation",
+    "mmcosine": "train/mmcosine/cos_true_image", "unimodal_ensemble": "train/loss/image",
+}
 
 
 def test_balance_all_smoke_finishes_a_run_per_method_and_reports_both_baselines(tmp_path):
@@ -31,7 +38,7 @@ def test_balance_all_smoke_finishes_a_run_per_method_and_reports_both_baselines(
                          text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     grid = yaml.safe_load(CONFIG.read_text())["grid"]["method"]
-    expected = sorted(f"method={value_label(v)}" for v in grid)
+    expected = sorted(f"method={value_label(v)},seed=0" for v in grid)
     assert len(expected) == len(set(expected)) == 16
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("balance_all")
@@ -47,6 +54,7 @@ def test_balance_all_smoke_finishes_a_run_per_method_and_reports_both_baselines(
         own = OWN_DIAGNOSTIC.get(method)
         if own is not None:
             assert own in kid.data.metrics, (method, sorted(kid.data.metrics))
+            assert math.isfinite(kid.data.metrics[own]) and math.isfinite(kid.data.metrics["test/acc"])
     report = (work / "balance_all" / "report.md").read_text()
     assert "Paired tests against the baseline `method=normal`" in report
     assert "Paired tests against the baseline `method=unimodal_ensemble`" in report
