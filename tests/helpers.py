@@ -196,3 +196,17 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class Recorder(torch.optim.SGD):
+    """SGD with lr 0 that records every gradient it is asked to apply (`seen`, one list per
+    step in parameter-group order): what a method's step applies, the weights left alone."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.seen: list[list[torch.Tensor | None]] = []
+
+    def step(self, closure=None):
+        self.seen.append([None if p.grad is None else p.grad.clone()
+                          for g in self.param_groups for p in g["params"]])
+        return super().step(closure)

@@ -26,7 +26,7 @@ from mmray.methods.agm import (
     shapley_weight,
 )
 
-from helpers import ML_SPEC, SPEC, SPEC3, checked_method_config, make_batch
+from helpers import ML_SPEC, SPEC, SPEC3, Recorder, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 CPU = torch.device("cpu")
@@ -44,19 +44,6 @@ def _double(batch: dict) -> dict:
 
 def _ctx(epoch=0):
     return StepContext(device=CPU, epoch=epoch)
-
-
-class Recorder(torch.optim.SGD):
-    """SGD with lr 0 that records every gradient it is asked to apply."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-        self.seen: list[list[torch.Tensor | None]] = []
-
-    def step(self, closure=None):
-        self.seen.append([None if p.grad is None else p.grad.clone()
-                          for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
 
 
 # -- the formulas -----------------------------------------------------------------------------

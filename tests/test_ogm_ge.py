@@ -18,7 +18,7 @@ from mmray.methods.ogm_ge import (
     reference_choice,
 )
 
-from helpers import ML_SPEC, SPEC, SPEC3, checked_method_config, make_batch
+from helpers import ML_SPEC, SPEC, SPEC3, Recorder, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 CPU = torch.device("cpu")
@@ -28,19 +28,6 @@ def _method(spec=SPEC, preset="", fusion="concat", **options):
     cfg = checked_method_config("ogm_ge", fusion, preset=preset, options=options)
     torch.manual_seed(0)
     return build_method(spec, MODEL, cfg)
-
-
-class Recorder(torch.optim.SGD):
-    """SGD with lr 0 that records every gradient it is asked to apply."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-        self.seen: list[list[torch.Tensor | None]] = []
-
-    def step(self, closure=None):
-        self.seen.append([None if p.grad is None else p.grad.clone()
-                          for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
 
 
 def _raw_grads(method, batch) -> tuple[list[torch.Tensor | None], dict]:

@@ -21,7 +21,7 @@ from mmray.methods.opm import (
     returned_theta,
 )
 
-from helpers import ML_SPEC, SPEC, SPEC3, checked_method_config, make_batch
+from helpers import ML_SPEC, SPEC, SPEC3, Recorder, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)
 CPU = torch.device("cpu")
@@ -42,19 +42,6 @@ def _dominated_by(method, modality: str, b: int = 16, seed: int = 0) -> dict:
         per_mod = copy.deepcopy(method)(batch).per_modality  # a copy: BN statistics untouched
     batch["label"] = (2 * per_mod[modality] - sum(per_mod.values())).argmax(1)
     return batch
-
-
-class Recorder(torch.optim.SGD):
-    """SGD with lr 0 that records every gradient it is asked to apply."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-        self.seen: list[list[torch.Tensor | None]] = []
-
-    def step(self, closure=None):
-        self.seen.append([None if p.grad is None else p.grad.clone()
-                          for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
 
 
 class HeadInputs:

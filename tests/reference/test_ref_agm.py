@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 
-import agm_port
 import pytest
 import torch
 
@@ -24,6 +23,7 @@ from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 from mmray.methods.agm import coalitions, shapley_responses
 
+import agm_port
 from helpers import SPEC, SPEC3, checked_method_config, torch_threads
 
 MODEL = ModelConfig(width=4, feature_dim=6)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 
-import greedy_port
 import pytest
 import torch
 
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 
+import greedy_port
 from helpers import SPEC, checked_method_config, make_batch, torch_threads
 
 MODEL = ModelConfig(width=4, feature_dim=6)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 
-import mla_port
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 from mmray.methods.mla import project_gradient_, projector_update
 
+import mla_port
 from helpers import SPEC, SPEC3, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=6)

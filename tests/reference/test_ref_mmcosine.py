@@ -32,6 +32,7 @@ from torch import nn
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 
+from av_port import AVClassifier, ConcatFusion
 from helpers import SPEC, SPEC3, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=6)
@@ -62,28 +63,6 @@ class NCELoss(nn.Module):
         log_neg = -torch.log(1 - pred_softmax + EPSILON) * self_mask.float()
         loss = log_pos.sum(1) / (1 - self_mask).sum(1).float() + log_neg.sum(1) / self_mask.sum(1).float()
         return loss.mean()
-
-
-class ConcatFusion(nn.Module):
-    """models/fusion_modules.py ConcatFusion: returns the features and fc_out([x; y])."""
-
-    def __init__(self, fc_out: nn.Linear):
-        super().__init__()
-        self.fc_out = fc_out
-
-    def forward(self, x, y):
-        return x, y, self.fc_out(torch.cat((x, y), dim=1))
-
-
-class AVClassifier(nn.Module):
-    """models/basic_model.py AVClassifier (concat): a, v, out = fusion_module(audio_net, visual_net)."""
-
-    def __init__(self, fusion_module, audio_net, visual_net):
-        super().__init__()
-        self.fusion_module, self.audio_net, self.visual_net = fusion_module, audio_net, visual_net
-
-    def forward(self, audio, visual):
-        return self.fusion_module(self.audio_net(audio), self.visual_net(visual))
 
 
 def authors_cosine(model, a, v, scaling):

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import copy
 
-import mmpareto_port as port
 import pytest
 import torch
 
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 
+import mmpareto_port as port
 from helpers import SPEC, SPEC3, checked_method_config, make_batch
 
 MODEL = ModelConfig(width=4, feature_dim=8)

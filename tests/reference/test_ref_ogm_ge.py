@@ -38,6 +38,7 @@ from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 
+from av_port import AVClassifier, ConcatFusion
 from helpers import SPEC, SPEC3, checked_method_config
 
 MODEL = ModelConfig(width=4, feature_dim=8)
@@ -52,28 +53,6 @@ LR = 1e-2
 
 
 # -- the port ---------------------------------------------------------------------------------
-
-
-class ConcatFusion(nn.Module):
-    """models/fusion_modules.py ConcatFusion / ConcatFusion3: one linear layer on [x; y(; z)]."""
-
-    def __init__(self, fc_out: nn.Linear):
-        super().__init__()
-        self.fc_out = fc_out
-
-    def forward(self, *feats):
-        return (*feats, self.fc_out(torch.cat(feats, dim=1)))
-
-
-class AVClassifier(nn.Module):
-    """models/basic_model.py AVClassifier: fusion_module first, then audio_net and visual_net."""
-
-    def __init__(self, fusion_module, audio_net, visual_net):
-        super().__init__()
-        self.fusion_module, self.audio_net, self.visual_net = fusion_module, audio_net, visual_net
-
-    def forward(self, audio, visual):
-        return self.fusion_module(self.audio_net(audio), self.visual_net(visual))
 
 
 class Modal3Classifier(nn.Module):

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 
-import opm_port
 import pytest
 import torch
 
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 
+import opm_port
 from helpers import SPEC, SPEC3, checked_method_config
 
 MODEL = ModelConfig(width=4, feature_dim=8)

@@ -36,6 +36,7 @@ from torch import nn
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 
+from av_port import AVClassifier, ConcatFusion
 from helpers import SPEC, checked_method_config
 
 MODEL = ModelConfig(width=4, feature_dim=6)
@@ -61,28 +62,6 @@ def EU_dist(x1, x2):
             d = torch.sqrt(torch.dot((x1[i] - x2[j]), (x1[i] - x2[j])))
             d_matrix[i, j] = d
     return d_matrix
-
-
-class ConcatFusion(nn.Module):
-    """models/fusion_modules.py ConcatFusion: returns x, y and fc_out([x; y])."""
-
-    def __init__(self, fc_out: nn.Linear):
-        super().__init__()
-        self.fc_out = fc_out
-
-    def forward(self, x, y):
-        return x, y, self.fc_out(torch.cat((x, y), dim=1))
-
-
-class AVClassifier(nn.Module):
-    """models/basic_model.py AVClassifier: a, v = the two nets' pooled features; fusion last."""
-
-    def __init__(self, fusion_module, audio_net, visual_net):
-        super().__init__()
-        self.fusion_module, self.audio_net, self.visual_net = fusion_module, audio_net, visual_net
-
-    def forward(self, audio, visual):
-        return self.fusion_module(self.audio_net(audio), self.visual_net(visual))
 
 
 def calculate_prototype(model, dataloader, epoch, n_classes, momentum_coef, a_proto=None, v_proto=None):

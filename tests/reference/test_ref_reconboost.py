@@ -19,13 +19,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-import reconboost_port as port
 import torch
 from torch import nn
 
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
 
+import reconboost_port as port
 from helpers import SPEC, SPEC3, checked_method_config, make_batch, torch_threads
 
 MODEL = ModelConfig(width=4, feature_dim=6)

@@ -21,13 +21,13 @@ import zlib
 
 import pytest
 import torch
-from rep_port import REPReference, set_schedule_groups
 from torch import nn
 
 from mmray.encoders import ModelConfig
 from mmray.methods import build_method
 
 from helpers import CPU, SPEC_IT, checked_method_config, clip_missing_batches, missing_type_codes
+from rep_port import REPReference, set_schedule_groups
 
 LR, WD, STEPS = 1e-2, 2e-2, 3
 ROLES = ("image", "text")
