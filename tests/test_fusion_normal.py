@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,30 @@ def test_every_method_trains_a_step(name, fusion, spec):
     assert out.logits.shape == (6, spec.num_classes)
     # Per-modality logits for each modality the method reads (M2PT reads only its target).
     assert set(out.per_modality) == set(method.modalities) <= set(spec.modalities)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_on_multilabel_data_or_says_why_not(name):
+    """A multi-label dataset either trains (BCE) or is refused, before any work, with the reason
+    the method gives in `single_label` (or its own `unsupported`); never a crash inside a step."""
+    cls = METHODS[name]
+    spec = ML_SPEC
+    if "image" in cls.modality_kinds or "text" in cls.modality_kinds:
+        spec = dataclasses.replace(SPEC_IT, name="ml_it", num_classes=4, multilabel=True)
+    reason = cls.unsupported(spec)
+    if reason:
+        if "multi-label" not in reason:
+            pytest.skip(reason)  # refused for its modalities, not its labels
+        assert "multi-label" in reason and (not cls.single_label or cls.single_label in reason)
+        with pytest.raises(ValueError, match=f"method.name={name}: .*multi-label"):
+            build_method(spec, ModelConfig(width=4, feature_dim=8), MethodConfig(name))
+        return
+    assert not cls.single_label
+    torch.manual_seed(0)
+    method = build_method(spec, ModelConfig(width=4, feature_dim=8), MethodConfig(name))
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    logs = method.train_step(make_batch(spec), opt, StepContext(device=torch.device("cpu")))
+    assert torch.isfinite(logs["loss"])
 
 
 def test_missing_modality_features_are_zeroed():

@@ -169,7 +169,7 @@ def test_a_rebalancing_step_replaces_the_caring_branch_gate_by_its_average():
     out, gated = _gated(method, batch)
     torch.testing.assert_close(gated[A], feats[A] * method.mmtm.average(A))  # the same gate for all
     torch.testing.assert_close(gated[V], feats[V] * live[V])  # the other branch: its live gate
-    method.task_loss(out.per_modality[A], batch["label"]).backward()
+    method.masked_criterion(out.per_modality[A], batch["label"]).backward()
     # Branch 0's loss reaches its encoder and head only: nothing sample-specific comes from
     # branch 1, and the replaced gate's layers get zero gradients (not none: `torch.where`).
     own = {id(p) for mod in (method.encoders[A], method.heads[A]) for p in mod.parameters()}
@@ -256,7 +256,7 @@ def test_missing_modalities_average_over_the_present():
     out = method(batch)
     torch.testing.assert_close(out.logits[1], out.per_modality[A][1])  # image absent: audio alone
     torch.testing.assert_close(out.logits[0], (out.per_modality[A][0] + out.per_modality[V][0]) / 2)
-    loss_v = method.task_loss(out.per_modality[V], batch["label"], batch["present"][V])
+    loss_v = method.masked_criterion(out.per_modality[V], batch["label"], batch["present"][V])
     per = F.cross_entropy(out.per_modality[V], batch["label"], reduction="none")
     assert loss_v.item() == pytest.approx(per[[0, 2]].mean().item(), rel=1e-6)
 

@@ -263,9 +263,9 @@ def test_masked_loss_averages_over_present_samples():
     method = _method()
     logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
     present = torch.tensor([True, False, True, True])
-    torch.testing.assert_close(method.masked_loss(logits, y, present),
+    torch.testing.assert_close(method.masked_criterion(logits, y, present),
                                F.cross_entropy(logits[present], y[present]))
-    torch.testing.assert_close(method.masked_loss(logits, y, torch.ones(4, dtype=torch.bool)),
+    torch.testing.assert_close(method.masked_criterion(logits, y, torch.ones(4, dtype=torch.bool)),
                                method.criterion(logits, y))
 
 

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
+from mmray.methods.base import masked_mean
 from mmray.methods.normal import Normal
 from mmray.methods.pmr import (
     PMR,
     entropy_coefficients,
     imbalance_ratios,
-    masked_mean,
     negative_entropy,
     pce_coefficients,
     proto_batch_count,

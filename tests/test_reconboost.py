@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from mmray.data.spec import DatasetSpec, ModalitySpec
 from mmray.encoders import ModelConfig
 from mmray.methods import StepContext, build_method
+from mmray.methods.base import masked_mean
 from mmray.methods.reconboost import (
     Config,
     ReconBoost,
     boosting_loss,
     reconcile_loss,
     schedule,
-    weighted_mean,
 )
 
 from helpers import ML_SPEC, SPEC, SPEC3, checked_method_config, make_batch
@@ -103,8 +103,8 @@ def test_reconcile_loss_by_hand_and_its_gradient():
 
 def test_weighted_mean_counts_only_the_present_samples():
     per = torch.tensor([1.0, 2.0, 4.0])
-    assert weighted_mean(per, torch.tensor([True, False, True])).item() == pytest.approx(2.5)
-    assert weighted_mean(per, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    assert masked_mean(per, torch.tensor([True, False, True])).item() == pytest.approx(2.5)
+    assert masked_mean(per, torch.zeros(3, dtype=torch.bool)).item() == 0.0
 
 
 # -- the schedule -------------------------------------------------------------------------------

@@ -260,6 +260,7 @@ class AGM(Normal):
     """Normal late fusion trained through Shapley responses whose gradients are rescaled."""
 
     name = "agm"
+    single_label = "its scores are the softmax log-probability of one true class"
     Config = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The module docstring names the file and line each option comes from.
@@ -267,13 +268,6 @@ class AGM(Normal):
         "reference_3mod": {"clamp": 7.0, "hold_after_window": True, "clip_on_head_grad": 5.0},
         "paper": {"clamp": None},
     }
-
-    @classmethod
-    def unsupported(cls, spec: DatasetSpec) -> str:
-        if spec.multilabel:
-            return (f"AGM's scores are the softmax log-probability of one true class; dataset "
-                    f"{spec.name!r} is multi-label")
-        return super().unsupported(spec)
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__(spec, model_cfg, method_cfg)

@@ -74,6 +74,23 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+def per_sample_loss(logits: torch.Tensor, label: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """(B,) the criterion per sample: CE, or BCE-with-logits averaged over the classes; at least
+    float32 (bf16 logits under autocast), a float64 model keeps float64."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype),
+                                                  reduction="none").mean(1)
+    return F.cross_entropy(logits, label, reduction="none")
+
+
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ w·x / Σ w over the samples, e.g. those where a modality is present (w a bool or float
+    mask); 0, still in the graph, when no sample counts."""
+    w = weight.to(values.device, values.dtype)
+    return (values * w).sum() / w.sum().clamp(min=1)
+
+
 @dataclass
 class NoOptions:
     """This method takes no options beyond `method.fusion`."""
@@ -100,6 +117,10 @@ class Method(nn.Module):
     # The method builds open_clip's CLIP (model.open_clip_model, model.clip_weights) itself, so
     # the config must give it open_clip tokens and CLIP's input sizes (checked in mmray/train/experiment.py).
     clip_backbone: ClassVar[bool] = False
+    # Why the method needs one label per sample (what in its formulas is a single class's
+    # probability); building it for a multi-label dataset raises with this reason. Empty: it
+    # runs on multi-label datasets too (its losses become BCE-with-logits).
+    single_label: ClassVar[str] = ""
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         if reason := self.unsupported(spec):
@@ -131,6 +152,9 @@ class Method(nn.Module):
             counts = cls.modalities_supported
             need = f"exactly {counts[0]}" if len(counts) == 1 else " or ".join(map(str, counts))
             return f"{cls.name} needs {need} modalities; dataset {spec.name!r} has {list(spec.modalities)}"
+        if spec.multilabel and cls.single_label:
+            return (f"{cls.name} needs one label per sample ({cls.single_label}); dataset "
+                    f"{spec.name!r} is multi-label (use a single-label dataset or method.name=normal)")
         kinds = sorted(s.kind for s in spec.modalities.values())
         if cls.modality_kinds and kinds != sorted(cls.modality_kinds):
             return (f"{cls.name} needs one modality of each kind {list(cls.modality_kinds)}; "
@@ -170,6 +194,13 @@ class Method(nn.Module):
         if self.spec.multilabel:
             return F.binary_cross_entropy_with_logits(logits.float(), label.float())
         return F.cross_entropy(logits.float(), label)
+
+    def masked_criterion(self, logits: torch.Tensor, label: torch.Tensor,
+                         present: torch.Tensor | None = None) -> torch.Tensor:
+        """`criterion` averaged over the samples where `present` (e.g. a modality's own loss
+        over the samples that have it), or over all."""
+        per = per_sample_loss(logits, label, self.spec.multilabel)
+        return per.mean() if present is None else masked_mean(per, present)
 
     def fused_loss(self, batch: Batch, ctx: StepContext) -> tuple[Output, torch.Tensor]:
         """Forward and the loss on the fused logits: what a joint step minimises."""

@@ -91,7 +91,15 @@ from torch import nn
 from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
+from mmray.methods.base import (
+    Batch,
+    Method,
+    MethodConfig,
+    Output,
+    StepContext,
+    masked_mean,
+    per_sample_loss,
+)
 from mmray.modules.fusion import LateFusion
 
 FUSED = "fused"  # the name of the fused loss beside the modalities' names
@@ -183,21 +191,6 @@ def take_rows(batch: Batch, rows: torch.Tensor, n: int | None = None) -> Batch:
         else:
             out[k] = v
     return out
-
-
-def per_sample_loss(logits: torch.Tensor, label: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """(B,) CE, or BCE-with-logits averaged over the classes; at least float32."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if multilabel:
-        return F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype),
-                                                  reduction="none").mean(1)
-    return F.cross_entropy(logits, label, reduction="none")
-
-
-def weighted_mean(per: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ w ℓ / Σ w (0 when no sample counts)."""
-    weight = weight.to(per.dtype)
-    return (per * weight).sum() / weight.sum().clamp(min=1)
 
 
 def copy_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, twin: nn.Module,
@@ -311,7 +304,7 @@ class GBlending(Method):
         with ctx.autocast():
             out = self(batch)
         label = batch["label"]
-        losses = {m: weighted_mean(per_sample_loss(out.per_modality[m], label, self.spec.multilabel),
+        losses = {m: masked_mean(per_sample_loss(out.per_modality[m], label, self.spec.multilabel),
                                    batch["present"][m])
                   for m in self.modalities}
         losses[FUSED] = per_sample_loss(out.logits, label, self.spec.multilabel).mean()
@@ -374,7 +367,7 @@ class GBlending(Method):
             with ctx.autocast():
                 per, weight = twin.sample_losses(take_rows(batch, fit), name)
             running.add(per, weight)
-            twin.backward_and_step(weighted_mean(per, weight), opt, ctx)
+            twin.backward_and_step(masked_mean(per, weight), opt, ctx)
         return running.value(ctx, "train")
 
     @torch.no_grad()

@@ -307,21 +307,6 @@ class Greedy(Method):
         return self.outputs(batch, feats, gates, self.caring_mask() if routed else None)
 
     # -- training -----------------------------------------------------------------------------
-    def task_loss(self, logits: torch.Tensor, label: torch.Tensor,
-                  present: torch.Tensor | None = None) -> torch.Tensor:
-        """`criterion` (at least in float32; a float64 model keeps float64), averaged over the
-        samples where `present` (a branch's modality) holds, or over all."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if self.spec.multilabel:
-            per = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype),
-                                                     reduction="none").mean(1)
-        else:
-            per = F.cross_entropy(logits, label, reduction="none")
-        if present is None:
-            return per.mean()
-        w = present.to(per)
-        return (per * w).sum() / w.sum().clamp(min=1)
-
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         o = self.options
         regular = ~self.curation.clone()  # the mode this step runs in
@@ -333,10 +318,10 @@ class Greedy(Method):
             out = self.outputs(batch, feats, gates, care)
         logs: dict[str, torch.Tensor] = {}
         if o.loss == "fused":
-            loss = self.task_loss(out.logits, batch["label"])
+            loss = self.masked_criterion(out.logits, batch["label"])
         else:
             for m in self.modalities:
-                logs[f"loss/{m}"] = self.task_loss(out.per_modality[m], batch["label"],
+                logs[f"loss/{m}"] = self.masked_criterion(out.per_modality[m], batch["label"],
                                                    batch["present"][m])
             loss = sum(logs.values())
         step = self.backward_and_step(loss, optimizer, ctx, logs)

@@ -243,19 +243,6 @@ class MLA(Method):
         return Output(fuse(per_mod, self.inference_weights(per_mod, batch["present"])), per_mod)
 
     # -- training -----------------------------------------------------------------------------
-    def masked_loss(self, logits: torch.Tensor, label: torch.Tensor,
-                    present: torch.Tensor) -> torch.Tensor:
-        """`criterion` averaged over the samples where the modality is present."""
-        # At least float32 (bf16 logits under autocast); a float64 model keeps float64.
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if self.spec.multilabel:
-            per = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype),
-                                                     reduction="none").mean(1)
-        else:
-            per = F.cross_entropy(logits, label, reduction="none")
-        w = present.to(per.dtype)
-        return (per * w).sum() / w.sum().clamp(min=1)
-
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         opts = self.options
         with ctx.autocast():
@@ -269,7 +256,7 @@ class MLA(Method):
             with ctx.autocast():
                 logits = self.head(feats[m])
             present = batch["present"][m].to(feats[m].device)
-            loss_m = self.masked_loss(logits, batch["label"], present)
+            loss_m = self.masked_criterion(logits, batch["label"], present)
             r = self._mean_feature(feats[m], present)
             projects = opts.project and not (opts.skip_first_step and first_batch and i == 0)
 

@@ -99,7 +99,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmray.config import bounds
@@ -194,20 +193,6 @@ def rescale(combined: list[torch.Tensor], summed: list[torch.Tensor], factor: fl
     return [d * s for d in combined]
 
 
-def masked_criterion(logits: torch.Tensor, label: torch.Tensor, present: torch.Tensor,
-                     multilabel: bool) -> torch.Tensor:
-    """CE (BCE averaged over classes for multi-label) averaged over the present samples; 0 (still
-    in the graph) when none is present."""
-    # At least float32 (bf16 logits under autocast); a float64 model keeps float64.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if multilabel:
-        per = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype), reduction="none").mean(1)
-    else:
-        per = F.cross_entropy(logits, label, reduction="none")
-    w = present.to(per.device, per.dtype)
-    return (per * w).sum() / w.sum().clamp(min=1)
-
-
 # ---------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +280,7 @@ class MMPareto(Method):
             out = self(batch)
         label = batch["label"]
         loss_mm = self.criterion(out.logits, label)
-        unimodal = {m: masked_criterion(out.per_modality[m], label, batch["present"][m],
-                                        self.spec.multilabel) for m in self.modalities}
+        unimodal = {m: self.masked_criterion(out.per_modality[m], label, batch["present"][m]) for m in self.modalities}
         params = self.shared_params()
         weights = self.pareto_weights(loss_mm, unimodal, params)
         logs: dict[str, Any] = {"loss/mm": loss_mm}

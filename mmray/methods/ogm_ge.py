@@ -175,6 +175,7 @@ class OGMGE(Normal):
     """Normal late fusion whose encoder gradients are modulated after every backward."""
 
     name = "ogm_ge"
+    single_label = "its discrepancy score s_m is the softmax probability of one true class"
     Config = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The reference code's quirks, each named in the module docstring.
@@ -185,10 +186,6 @@ class OGMGE(Normal):
     }
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
-        if spec.multilabel:
-            raise ValueError(f"method.name=ogm_ge: OGM-GE is defined for single-label cross-entropy "
-                             f"and dataset {spec.name!r} is multi-label; use a single-label "
-                             f"dataset or another method (e.g. method.name=normal)")
         if len(spec.modalities) < 2:
             raise ValueError(f"method.name=ogm_ge needs at least 2 modalities; dataset "
                              f"{spec.name!r} has {list(spec.modalities)}")

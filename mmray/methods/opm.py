@@ -108,7 +108,6 @@ import torch
 import torch.nn.functional as F
 
 from mmray.config import bounds
-from mmray.data.spec import DatasetSpec
 from mmray.methods.base import Batch, StepContext
 from mmray.methods.normal import Normal
 
@@ -251,6 +250,7 @@ class OPM(Normal):
     """Normal late fusion whose dominant modality's features are dropped at random in training."""
 
     name = "opm"
+    single_label = "its discrepancy scores are the softmax probability of one label"
     Config = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The authors' code's quirks, each named in the module docstring.
@@ -261,16 +261,6 @@ class OPM(Normal):
         # The Config defaults are the paper's reading.
         "paper": {},
     }
-
-    @classmethod
-    def unsupported(cls, spec: DatasetSpec) -> str:
-        if reason := super().unsupported(spec):
-            return reason
-        if spec.multilabel:
-            return (f"OPM's discrepancy scores are the softmax probability of one label; dataset "
-                    f"{spec.name!r} is multi-label (use a single-label dataset or "
-                    f"method.name=normal)")
-        return ""
 
     def active(self, epoch: int) -> bool:
         o = self.options

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods.base import Batch, MethodConfig, StepContext
+from mmray.methods.base import Batch, MethodConfig, StepContext, masked_mean
 from mmray.methods.normal import Normal
 
 
@@ -145,12 +145,6 @@ def prototype_logits(h: torch.Tensor, prototypes: torch.Tensor,
     if distance == "euclidean":
         return -sq.clamp_min(1e-12).sqrt()  # sqrt's gradient at 0 is infinite
     return -sq
-
-
-def masked_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Mean of per-sample values (B,) over the samples where `present`; 0 when none is."""
-    w = present.to(values.dtype)
-    return (values * w).sum() / w.sum().clamp(min=1)
 
 
 def prototype_scores(logits: torch.Tensor, label: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -220,6 +214,8 @@ class PMR(Normal):
     entropy on the dominant one, from class prototypes refreshed before each epoch."""
 
     name = "pmr"
+    single_label = ("its prototypes are class means of samples of one label and its prototype "
+                    "cross-entropy a softmax over them")
     Config = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # main_Prototype_grad.py's quirks, each named in the module docstring.
@@ -238,13 +234,6 @@ class PMR(Normal):
         for m, enc in self.encoders.items():
             self.register_buffer(f"prototypes_{m}", torch.zeros(spec.num_classes, enc.out_dim))
         self.refreshes = 0  # prototype passes so far (checkpointed as extra state)
-
-    @classmethod
-    def unsupported(cls, spec: DatasetSpec) -> str:
-        if spec.multilabel:
-            return (f"PMR's prototypes are class means of samples of one label and its prototype "
-                    f"cross-entropy a softmax over them; dataset {spec.name!r} is multi-label")
-        return super().unsupported(spec)
 
     def prototypes(self, m: str) -> torch.Tensor:
         return getattr(self, f"prototypes_{m}")

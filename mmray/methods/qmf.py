@@ -77,13 +77,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext, per_sample_loss
 
 
 @dataclass
@@ -222,13 +221,6 @@ class QMF(Method):
         conf = {m: energy_confidence(z, t) for m, z in per_mod.items()}
         return Output(confidence_fusion(per_mod, conf), per_mod)
 
-    def sample_losses(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss for the history: CE, or BCE averaged over classes (multi-label)."""
-        if self.spec.multilabel:
-            return F.binary_cross_entropy_with_logits(logits.float(), label.float(),
-                                                      reduction="none").mean(1)
-        return F.cross_entropy(logits.float(), label, reduction="none")
-
     def unseen_remain(self, ctx: StepContext) -> bool:
         """Whether, as the ranking targets are read, some training samples have not entered the
         history yet (`unseen_as_zero`): in the first epoch, unless this is its last batch and the
@@ -246,7 +238,7 @@ class QMF(Method):
         per_mod = {m: z.float() for m, z in per_mod.items()}
         conf = {m: energy_confidence(z, opts.energy_temperature) for m, z in per_mod.items()}
         fused = confidence_fusion(per_mod, conf, detach=opts.detach_confidence)
-        losses = torch.stack([self.sample_losses(per_mod[m], label) for m in self.modalities], 1)
+        losses = torch.stack([per_sample_loss(per_mod[m], label, self.spec.multilabel) for m in self.modalities], 1)
         if opts.update_history_first:  # the batch's own losses are part of ℓ̄
             self.history.update(ids, losses)
         else:  # ℓ̄ of the batches before; an id seen for the first time enters with a zero sum

@@ -93,7 +93,7 @@ from torch import nn
 from mmray.config import bounds
 from mmray.data.spec import DatasetSpec
 from mmray.encoders import ModelConfig
-from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext
+from mmray.methods.base import Batch, Method, MethodConfig, Output, StepContext, masked_mean
 
 
 @dataclass
@@ -182,12 +182,6 @@ def reconcile_loss(logits: torch.Tensor, previous: torch.Tensor, grad: bool = Tr
     return ((p - q) ** 2).mean(1)
 
 
-def weighted_mean(per: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ w·x / Σ w (0 when no weight): the mean over the samples where a modality is present."""
-    w = weight.to(per.dtype)
-    return (per * w).sum() / w.sum().clamp(min=1)
-
-
 @dataclass(frozen=True)
 class Stage:
     """Where an epoch falls in the schedule."""
@@ -224,6 +218,8 @@ class ReconBoost(Method):
     """Per-modality learners on a shared head, boosted one at a time, then rectified jointly."""
 
     name = "reconboost"
+    single_label = ("its boosting loss weights log p_m(y) by the ensemble's softmax probability of "
+                    "the one true class, and its rectification is softmax cross-entropy")
     Config = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The authors' train.py (see the module docstring for each quirk).
@@ -235,14 +231,6 @@ class ReconBoost(Method):
                          "boost_rate_init": 0.01, "head_hidden": 0, "ensemble_from_start": True,
                          "reset_optimizer": False, "zero_grad_steps": True},
     }
-
-    @classmethod
-    def unsupported(cls, spec: DatasetSpec) -> str:
-        if spec.multilabel:
-            return (f"ReconBoost's boosting loss weights log p_m(y) by the ensemble's softmax "
-                    f"probability of the one true class, and its rectification is softmax "
-                    f"cross-entropy; dataset {spec.name!r} is multi-label")
-        return super().unsupported(spec)
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         super().__init__(spec, model_cfg, method_cfg)
@@ -350,13 +338,13 @@ class ReconBoost(Method):
             ens = self.ensemble(other_logits, present, others).detach()
             has_others = torch.stack([present[n] for n in others]).any(0)
         per = boosting_loss(logits, label, ens, o.weight1, o.weight2, o.class_mean, has_others)
-        loss = logs["loss/boost"] = weighted_mean(per, present[m])
+        loss = logs["loss/boost"] = masked_mean(per, present[m])
         if st.index >= o.recon_starts:
             prev = st.previous
             if o.rerun_previous or prev not in other_logits:
                 with torch.no_grad(), ctx.autocast():
                     other_logits[prev] = self.learner(batch, prev)
-            rec = weighted_mean(reconcile_loss(logits, other_logits[prev], o.recon_grad),
+            rec = masked_mean(reconcile_loss(logits, other_logits[prev], o.recon_grad),
                                 present[m] & present[prev])
             logs["loss/recon"] = rec
             loss = loss + o.alpha * rec
