@@ -192,3 +192,21 @@ def test_matching_prefers_the_cell_agreeing_on_method_axes_and_refuses_ties():
     report = imbalance.imbalance([_cell("normal", acc), *tie], "test/acc")
     assert report.rows == [] and report.skipped[0].reason == (
         "2 `unimodal` cells of `audio` match it equally well")
+
+
+def test_in_model_logits_that_see_other_modalities_are_marked(tmp_path):
+    from mmray.methods import METHODS as REGISTRY
+    from mmray.report.render import to_markdown
+    from mmray.report.writer import build_report
+
+    acc = {"test/acc_image": {"0": 0.99, "1": 0.98}, "test/acc": {"0": 1.0, "1": 1.0}}
+    uni = {"test/acc_image": {"0": 0.95, "1": 0.94}, "test/acc": {"0": 0.95, "1": 0.94}}
+    cells = [_cell("greedy", acc), _cell("normal", acc), _cell("unimodal+image", uni)]
+    report = imbalance.imbalance(cells, "test/acc")
+    rows = {r.cell.cell["method"]: r for r in report.rows}
+    assert rows["greedy"].mixed == REGISTRY["greedy"].mixed_branches != ""
+    assert rows["normal"].mixed == ""
+    opts = ReportOptions(axes=("method",), baseline=("method", "normal"))
+    text = to_markdown(build_report(cells, opts, "t", {}, tmp_path).blocks)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| method=greedy | image"))
+    assert "not unimodal: its gate recalibrates" in line

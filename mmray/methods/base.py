@@ -121,6 +121,10 @@ class Method(nn.Module):
     # probability); building it for a multi-label dataset raises with this reason. Empty: it
     # runs on multi-label datasets too (its losses become BCE-with-logits).
     single_label: ClassVar[str] = ""
+    # Why the method's per-modality logits z_m are not modality m's alone (Greedy: its gate
+    # recalibrates each branch with the other modality's features); empty: z_m reads x_m only.
+    # The report marks the in-model accuracies of such a method: they are not unimodal.
+    mixed_branches: ClassVar[str] = ""
 
     def __init__(self, spec: DatasetSpec, model_cfg: ModelConfig, method_cfg: MethodConfig):
         if reason := self.unsupported(spec):

@@ -211,6 +211,8 @@ class Greedy(Method):
     """Two MMTM-joined branches, re-balanced when their conditional learning speeds drift apart."""
 
     name = "greedy"
+    mixed_branches = ("its gate recalibrates each branch's features with a squeeze of both "
+                      "modalities, so a branch's logits see the other modality too")
     Config = Config
     modalities_supported = (2,)
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -41,6 +41,8 @@ class Row:
     in_model: stats.Summary  # over the paired seeds
     unimodal: stats.Summary  # over the paired seeds
     gap: stats.PairedTest  # unimodal − in-model
+    # Why the in-model logits are not the modality's alone (`Method.mixed_branches`); "" if they are.
+    mixed: str = ""
 
     @property
     def seeds(self) -> list[str]:
@@ -143,6 +145,15 @@ def _fused_row(r: CellResult, metric: str, mode: str, partners: dict[str, CellRe
     return FusedRow(r, fused, best, ensemble if ensemble and ensemble.n else None)
 
 
+def mixed_branches(method: str) -> str:
+    """The method's reason why its per-modality logits see other modalities; "" if they do not
+    (or the method is not one of this mmray's)."""
+    from mmray.methods import METHODS  # the registry: only the report's lookup needs it
+
+    cls = METHODS.get(method)
+    return cls.mixed_branches if cls is not None else ""
+
+
 def imbalance(results: list[CellResult], metric: str, mode: str = "max") -> Imbalance:
     """Rows for every multimodal cell (method neither `unimodal` nor `unimodal_ensemble`) and
     every modality it logged `<metric>_<m>` for; in the order of `results`."""
@@ -168,6 +179,8 @@ def imbalance(results: list[CellResult], metric: str, mode: str = "max") -> Imba
                 out.skipped.append(Skipped(r, m, why))
                 continue
             row = _row(r, m, found[0], metric)
+            if isinstance(row, Row):
+                row.mixed = mixed_branches(method_of(r))
             (out.rows if isinstance(row, Row) else out.skipped).append(row)
             if isinstance(row, Row):
                 partners[m] = found[0]
@@ -190,7 +203,8 @@ def to_json(imb: Imbalance, axes: list[str]) -> dict:
                        "seeds": r.seeds, "metric": f"{imb.metric}_{r.modality}",
                        "unimodal_cell": cell_label(r.unimodal_cell.cell, axes),
                        "in_model": _mean_ci(r.in_model), "unimodal": _mean_ci(r.unimodal),
-                       "gap": _mean_ci(r.gap)} for r in imb.rows],
+                       "gap": _mean_ci(r.gap), "mixed_branches": r.mixed or None}
+                      for r in imb.rows],
         "imbalance_fused": [{"cell": cell_label(f.cell.cell, axes), "metric": imb.metric,
                              "fused": _mean_ci(f.fused),
                              "best_unimodal": ({"modality": f.best[0], **_mean_ci(f.best[1])}

@@ -242,7 +242,9 @@ def imbalance_blocks(imb: imbalance.Imbalance, axes: list[str]) -> list[Block]:
         "gap: m learns less inside the fused model than alone."))
     rows = [[compare.cell_label(r.cell.cell, axes), r.modality, str(len(r.seeds)),
              mean_ci_text(r.in_model), mean_ci_text(r.unimodal), fmt(r.gap.mean_diff),
-             fmt_ci(r.gap.ci), fmt_p(r.gap.p), r.gap.note] for r in imb.rows]
+             fmt_ci(r.gap.ci), fmt_p(r.gap.p),
+             "; ".join(filter(None, [f"not unimodal: {r.mixed}" if r.mixed else "", r.gap.note]))]
+            for r in imb.rows]
     if rows:
         blocks.append(Table(["cell", "modality", "pairs", "in-model", "unimodal",
                              "gap (unimodal − in-model)", CI_NAME, "p", "note"], rows, "imbalance"))
