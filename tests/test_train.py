@@ -103,6 +103,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_data, tmp_path):
 
 
 DATA = {2: "tiny_data", 3: "tiny_data3", "image-text": "tiny_data_it"}
+# Options that fit a method's schedule into the test's 3 epochs, so that the resume crosses it:
+# G-Blending re-estimates its weights every epoch (default: every 10, copies trained 10 epochs),
+# ReconBoost switches stage and phase every epoch (default: 4 + 4 epochs per stage).
+SHORT_SCHEDULE = {"gblending": {"super_epoch": 1},
+                  "reconboost": {"boost_epochs": 1, "correct_epochs": 1}}
 
 
 @pytest.mark.ray  # its data fixture is picked at run time, which collection cannot see
@@ -115,7 +120,8 @@ def test_every_method_trains_and_resumes_exactly(method, modalities, request, tm
     cfg, prepared = request.getfixturevalue(DATA[modalities])
     if reason := METHODS[method].unsupported(spec_of(prepared.manifest)):
         pytest.skip(reason)
-    cfg = dataclasses.replace(cfg, method=MethodConfig(method, "sum"))
+    cfg = dataclasses.replace(cfg, method=MethodConfig(method, "sum",
+                                                       options=SHORT_SCHEDULE.get(method, {})))
     full = run_local(cfg, prepared.version_dir, tmp_path / "a")
     run_local(cfg, prepared.version_dir, tmp_path / "b", stop_after=1)
     resumed = run_local(cfg, prepared.version_dir, tmp_path / "b")
