@@ -421,6 +421,7 @@ def test_further_baselines_are_tested_alike_and_costs_are_set_beside_the_baselin
     assert "| method=x | 6.0000 | 3.0000 | 10 |" in cost  # 6 s against Normal's 2 s
     assert "| method=normal | 2.0000 | 1.0000 | 10 |" in cost
     assert "| method=ens | 3.0000 | 1.5000 | 10 |" in cost
+    assert "training seconds per epoch" in cost and "FLOPs" not in cost.split("|")[0]
 
 
 def test_further_baselines_must_be_grid_values():

@@ -291,11 +291,14 @@ def cost_blocks(results: list[CellResult], options: ReportOptions, axes: list[st
             ref = compare.describe_cell(base, time_key).mean if base and base.values(time_key) else None
             row.insert(2, fmt(own / ref) if own is not None and ref else "–")
         rows.append(row)
-    return [Heading("Cost"), Text(
-        "Mean over seeds of each run's training seconds per epoch (wall clock of its workers, "
-        "trials running side by side share the machine), FLOPs per test sample of the model it "
-        "reports, and its parameters. `time ÷ baseline`: the cell's time over its baseline "
-        "cell's."), Table(header, rows, "cost")]
+    said = {time_key: "training seconds per epoch (wall clock of its workers; trials running "
+                      "side by side share the machine)",
+            "cost/flops_per_sample": "FLOPs per test sample of the model it reports",
+            "cost/params": "parameters", "cost/trainable_params": "trainable parameters"}
+    text = "Mean over seeds of each run's " + ", ".join(said[m] for m, _ in cols) + "."
+    if with_ratio:
+        text += " `time ÷ baseline`: the cell's time over its baseline cell's."
+    return [Heading("Cost"), Text(text), Table(header, rows, "cost")]
 
 
 def build_report(results: list[CellResult], options: ReportOptions, title: str,
