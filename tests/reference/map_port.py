@@ -9,7 +9,7 @@ Reference: https://github.com/YiLunLee/missing_aware_prompts at commit
   in front of everything before the block, so they accumulate);
 - vilt/modules/objectives.py: `init_weights` (N(0, 0.02), zero bias), `compute_food101`
   (cross-entropy);
-- vilt/modules/vilt_utils.py: `set_schedule` (the weight-decay groups by name);
+- vilt/modules/vilt_utils.py: `set_schedule` (the weight-decay groups by name; in schedule_port.py);
 - vilt/config.py: prompt_type 'input', prompt_length 16, prompt_layers [0..5],
   multi_layer_prompt, learnt_p.
 
@@ -31,11 +31,6 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-NO_DECAY = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
-            "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"]
-HEAD_NAMES = ["vqa_classifier", "mmimdb_classifier", "food101_classifier", "hatememes_classifier",
-              "nlvr2_classifier"]
 
 
 def initial_prompt_sets(prompt_num: int, prompt_length: int, embed_dim: int):
@@ -137,20 +132,3 @@ class MAPReference(nn.Module):
         logits = self.food101_classifier(feats)
         return F.cross_entropy(logits.float(), label)  # fp16 autocast runs cross-entropy in fp32
 
-
-def set_schedule_groups(module: nn.Module, lr: float, wd: float, lr_mult: float = 1.0) -> list[dict]:
-    named = list(module.named_parameters())
-
-    def decays(n):
-        return not any(nd in n for nd in NO_DECAY)
-
-    def head(n):
-        return any(bb in n for bb in HEAD_NAMES)
-
-    return [
-        {"params": [p for n, p in named if decays(n) and not head(n)], "weight_decay": wd, "lr": lr},
-        {"params": [p for n, p in named if not decays(n) and not head(n)], "weight_decay": 0.0, "lr": lr},
-        {"params": [p for n, p in named if decays(n) and head(n)], "weight_decay": wd, "lr": lr * lr_mult},
-        {"params": [p for n, p in named if not decays(n) and head(n)], "weight_decay": 0.0,
-         "lr": lr * lr_mult},
-    ]

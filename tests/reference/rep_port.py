@@ -11,7 +11,7 @@ Reference: https://github.com/AnonymousUser2313/REP at commit
   `VisionTransformer.forward` (ln_pre, class token after the buffers, ln_post, proj),
   `CLIP.build_attention_mask` (causal over buffers + text);
 - clip/modules/objectives.py: `init_weights`, `compute_food101` (cross-entropy);
-- clip/modules/clip_utils.py: `set_schedule` (the weight-decay groups by name).
+- clip/modules/clip_utils.py: `set_schedule` (the weight-decay groups by name; in schedule_port.py).
 
 What the port changes, and why: the towers are open_clip's tiny CLIP ("mmray-tiny") blocks,
 called through their own submodules (ln_1, attn, ln_2, mlp) in the reference's order, because the
@@ -28,12 +28,6 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# clip_utils.set_schedule
-NO_DECAY = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
-            "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"]
-HEAD_NAMES = ["vqa_classifier", "mmimdb_classifier", "food101_classifier", "hatememes_classifier",
-              "nlvr2_classifier"]
 
 
 class ResidualDynamicNet(nn.Module):
@@ -276,17 +270,3 @@ class REPReference(nn.Module):
         logits = self.food101_classifier(self.infer(image, tokens, missing_type))
         return F.cross_entropy(logits.float(), label)  # fp16 autocast runs cross-entropy in fp32
 
-
-def set_schedule_groups(module: nn.Module, lr: float, wd: float, lr_mult: float = 1.0) -> list[dict]:
-    named = list(module.named_parameters())
-    def decays(n):
-        return not any(nd in n for nd in NO_DECAY)
-    def head(n):
-        return any(bb in n for bb in HEAD_NAMES)
-    return [
-        {"params": [p for n, p in named if decays(n) and not head(n)], "weight_decay": wd, "lr": lr},
-        {"params": [p for n, p in named if not decays(n) and not head(n)], "weight_decay": 0.0, "lr": lr},
-        {"params": [p for n, p in named if decays(n) and head(n)], "weight_decay": wd, "lr": lr * lr_mult},
-        {"params": [p for n, p in named if not decays(n) and head(n)], "weight_decay": 0.0,
-         "lr": lr * lr_mult},
-    ]

@@ -22,7 +22,8 @@ from mmray.methods import build_method
 from mmray.modules.prompts import COMPLETE, MISSING_IMAGE, MISSING_TEXT
 
 from helpers import CPU, SPEC_IT, checked_method_config, clip_missing_batches, missing_type_codes
-from map_port import MAPReference, set_schedule_groups
+from map_port import MAPReference
+from schedule_port import set_schedule_groups
 
 LR, WD, STEPS = 1e-2, 2e-2, 3
 ROLES = ("image", "text")

@@ -27,7 +27,8 @@ from mmray.encoders import ModelConfig
 from mmray.methods import build_method
 
 from helpers import CPU, SPEC_IT, checked_method_config, clip_missing_batches, missing_type_codes
-from rep_port import REPReference, set_schedule_groups
+from rep_port import REPReference
+from schedule_port import set_schedule_groups
 
 LR, WD, STEPS = 1e-2, 2e-2, 3
 ROLES = ("image", "text")
