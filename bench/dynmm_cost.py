@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
-    from mmray.data.reader import read_split
+    from mmray.data.ingest import read_split
     from mmray.methods import MethodConfig
     from mmray.pipeline_support import prepare_data
     from mmray.ray_utils import init_ray

@@ -30,7 +30,8 @@ from common import write_results
 def bare_loop(cfg, version_dir: str) -> tuple[float, list[float], float]:
     """Plain torch: read the shards into memory, then the method's forward + CE + Adam step and
     a val pass per epoch; nothing else."""
-    from mmray.data.reader import iter_batches, load_manifest, read_split, spec_of
+    from mmray.data.ingest import read_split
+    from mmray.data.reader import iter_batches, load_manifest, spec_of
     from mmray.methods import build_method
 
     t0 = time.perf_counter()  # reading the shards counts, as the Ray run's does

@@ -41,7 +41,8 @@ def vit_options(cfg: ExperimentConfig):
 
 def train_aux(cfg: ExperimentConfig, version_dir: str | Path, modality: str):
     """(trained model, its timm kwargs, {"val_acc", "train_loss"}); plain torch, in-process."""
-    from mmray.data.reader import iter_batches, load_manifest, read_split, spec_of
+    from mmray.data.ingest import read_split
+    from mmray.data.reader import iter_batches, load_manifest, spec_of
     from mmray.methods.m2pt import as_timm_kwargs, build_vit
     from mmray.train.loop import resolve_device, seed_everything
 

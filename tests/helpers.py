@@ -160,7 +160,25 @@ def featurize(source, data, items) -> dict:
     for m in spec.modalities:
         batch[f"file_{m}"] = np.array([i.files.get(m, "") for i in items], dtype=object)
         batch[f"inline_{m}"] = np.array([i.inline.get(m, "") for i in items], dtype=object)
-    return Featurizer(spec.to_dict(), asdict(data))(batch)
+    return decoded(Featurizer(spec.to_dict(), asdict(data))(batch), spec, data)
+
+
+def decoded(out: dict, spec, data) -> dict:
+    """The featurizer's stored values as training reads them (the eval transform); rows that
+    failed stay zeros."""
+    from mmray.data import codec
+    from mmray.data.ingest import Decoder
+
+    manifest = {"spec": spec.to_dict(), "params": {"image": asdict(data.image), "audio": asdict(data.audio),
+                                                   "encodings": codec.encodings(spec.modalities, data)}}
+    ok = np.asarray(out["error"] == "", dtype=bool)
+    dec = Decoder(manifest)({k: np.asarray(v)[ok] for k, v in out.items()})
+    full = dict(out)
+    for m, ms in spec.modalities.items():
+        col = np.zeros((len(ok), *ms.shape), dtype=np.int64 if ms.kind == "text" else np.float32)
+        col[ok] = dec[m]
+        full[m] = col
+    return full
 
 
 def write_noise_wav(path: Path, rng: np.random.Generator, seconds: float, sample_rate: int) -> Path:

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from mmray.data.features import image_features, load_image
+from mmray.data.ingest import read_split
 from mmray.data.preprocess import _fingerprint, preprocess
-from mmray.data.reader import read_split, spec_of
+from mmray.data.reader import spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.cremad import EMOTIONS
 from mmray.data.sources.source import frame_files

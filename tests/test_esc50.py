@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmray.data.ingest import read_split
 from mmray.data.preprocess import preprocess
-from mmray.data.reader import read_split, spec_of
+from mmray.data.reader import spec_of
 from mmray.data.sources import get_source
 
 from helpers import data_config, write_noise_wav

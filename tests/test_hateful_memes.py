@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mmray.data.ingest import read_split
 from mmray.data.preprocess import preprocess
-from mmray.data.reader import read_split, spec_of
+from mmray.data.reader import spec_of
 from mmray.data.sources import get_source
 
 from helpers import data_config, featurize, ids_by_split

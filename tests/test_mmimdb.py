@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
+from mmray.data.ingest import read_split
 from mmray.data.preprocess import preprocess
-from mmray.data.reader import load_manifest, read_split, spec_of
+from mmray.data.reader import load_manifest, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.mmimdb import FILE_NAME, GENRES, split_ranges
 from mmray.methods import MethodConfig

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from mmray.data.features import tokenize
+from mmray.data.ingest import read_split
 from mmray.data.preprocess import preprocess
-from mmray.data.reader import read_split, spec_of
+from mmray.data.reader import spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.mmimdb import GENRES
 

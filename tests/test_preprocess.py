@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from mmray.data import ingest
+from mmray.data.ingest import read_split
 from mmray.data.preprocess import preprocess
-from mmray.data.reader import collate, load_manifest, ray_dataset, read_split, spec_of
+from mmray.data.reader import collate, load_manifest, spec_of
 from mmray.data.sources import get_source
 from mmray.data.sources.synthetic import generate
 
@@ -58,12 +60,13 @@ def test_shards_and_manifest(ray_local, tmp_path):
     val_ids = set(read_split(prepared.version_dir, "val")["id"])
     assert not val_ids & set(cols["id"])
 
-    # What a Train worker does with its shard: numpy batches from Ray Data, then the contract.
+    # What a Train worker does with the split streamed from its files: an epoch's batches in
+    # the contract.
     row_of = {sid: k for k, sid in enumerate(cols["id"])}
     seen = []
-    for batch in ray_dataset(prepared.version_dir, "train").iter_batches(
-            batch_size=8, batch_format="numpy", local_shuffle_buffer_size=16, local_shuffle_seed=0):
-        b = collate(batch, spec)
+    reader = ingest.SplitReader(ingest.ParquetRows(prepared.version_dir, "train"), ingest.Decoder(m),
+                                "train", batch_size=8, seed=0)
+    for b in reader.batches(epoch=0):
         n = len(b["id"])
         for mod, ms in spec.modalities.items():
             assert b["inputs"][mod].shape == (n, *ms.shape)

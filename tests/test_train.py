@@ -9,7 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mmray.data.reader import read_split, spec_of
+from mmray.data.ingest import read_split
+from mmray.data.reader import spec_of
 from mmray.methods import METHODS, MethodConfig, build_method
 from mmray.train.loop import run_local
 

@@ -34,6 +34,14 @@ class AudioFeatures:
     # Per-feature normalisation after the transform: (x - mean) / std.
     mean: float = 0.0
     std: float = field(default=1.0, metadata=bounds(0.0, None, lo_open=True))
+    # How the shards store audio (`mmray.data.ingest` computes the features when reading):
+    # pcm16: the waveform at `sample_rate` as 16-bit PCM, unpadded, up to `store_seconds`
+    # (features from it are within 16-bit quantisation of the float waveform's; a train-time
+    # random crop needs it); float16 / float32: the features themselves (no crop augmentation).
+    encoding: Literal["pcm16", "float16", "float32"] = "pcm16"
+    # Seconds of each clip the pcm16 shards keep; 0: `seconds` (all a start crop reads). Longer
+    # lets `data.augment.audio_crop=random` pick a window anywhere in the first store_seconds.
+    store_seconds: float = field(default=0.0, metadata=bounds(0.0, 600.0))
 
 
 @dataclass
@@ -41,6 +49,26 @@ class ImageFeatures:
     size: int = field(default=32, metadata=bounds(8, 1024))
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # How the shards store images (`mmray.data.ingest` decodes and augments them when reading):
+    # jpeg: the source file's bytes when it is a JPEG or PNG whose shorter side is at most
+    # 1.25 × store_size, else resized so that its shorter side is store_size and re-encoded as
+    # JPEG at `quality`; uint8: resized to size × size, 8 bits per channel (lossless next to the
+    # float32 features: the same resize, normalised when read); float32: the normalised features
+    # (4 bytes per value, no augmentation). auto: uint8 up to 64 px, else jpeg.
+    encoding: Literal["auto", "jpeg", "uint8", "float32"] = "auto"
+    quality: int = field(default=90, metadata=bounds(1, 100))
+    # Shorter side of a re-encoded JPEG; 0: size × 8/7 (256 for 224), the usual margin a random
+    # resized or centre crop takes from.
+    store_size: int = field(default=0, metadata=bounds(0, 4096))
+
+    def stored_as(self) -> str:
+        """The encoding the shards get (auto resolved)."""
+        if self.encoding != "auto":
+            return self.encoding
+        return "uint8" if self.size <= 64 else "jpeg"
+
+    def store_side(self) -> int:
+        return self.store_size or round(self.size * 8 / 7)
 
 
 @dataclass
@@ -82,8 +110,9 @@ class DepthFeatures:
                           f"({self.max_depth})")
 
 
-def load_audio(path: str | Path, sample_rate: int, seconds: float) -> np.ndarray:
-    """Mono float32 waveform at `sample_rate`, cropped from the start or zero-padded to `seconds`."""
+def load_audio(path: str | Path, sample_rate: int, seconds: float, pad: bool = True) -> np.ndarray:
+    """Mono float32 waveform at `sample_rate`, cropped from the start to `seconds` and, with
+    `pad`, zero-padded to it."""
     try:
         wave, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, ... by format
@@ -92,6 +121,8 @@ def load_audio(path: str | Path, sample_rate: int, seconds: float) -> np.ndarray
     if sr != sample_rate:
         wave = torchaudio.functional.resample(torch.from_numpy(wave), sr, sample_rate).numpy()
     n = int(round(sample_rate * seconds))
+    if not pad:
+        return np.ascontiguousarray(wave[:n], dtype=np.float32)
     out = np.zeros(n, dtype=np.float32)
     out[: min(n, len(wave))] = wave[:n]
     return out

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmray.data import codec
 from mmray.data.sources import DataConfig, Item, get_source
 from mmray.data.spec import DatasetSpec
 
@@ -58,9 +59,11 @@ def _params(cfg: DataConfig, spec: DatasetSpec) -> dict:
             if k in kinds.values()}
     if "image" in kinds.values():
         used["frames"] = cfg.frames  # frames stacked per folder-of-frames image modality
-    # rows_per_file changes the files (the unit of worker sharding), not the rows.
+    # rows_per_file changes the files, not the rows; the encodings are in `used` (the
+    # feature configs) and resolved here (image.encoding=auto by size).
     return {"modalities": kinds, **used, "skip_corrupt": cfg.skip_corrupt,
-            "rows_per_file": cfg.rows_per_file}
+            "rows_per_file": cfg.rows_per_file,
+            "encodings": codec.encodings(spec.modalities, cfg)}
 
 
 def _fingerprint(source, cfg: DataConfig, items: list[Item]) -> dict:
@@ -109,21 +112,36 @@ class Featurizer:
         torch.set_num_threads(1)  # one core per actor; parallelism comes from the actor pool
         self.spec = DatasetSpec.from_dict(spec)
         self.cfg = from_dict(DataConfig, cfg)
+        self.encodings = codec.encodings(self.spec.modalities, self.cfg)
 
-    def _one(self, m: str, path: str, inline: str) -> np.ndarray:
+    def _image(self, path: str, codec_name: str):
         from mmray.data import features as F
 
-        kind = self.spec.modalities[m].kind
-        if kind == "audio":
-            wave = F.load_audio(path, self.cfg.audio.sample_rate, self.cfg.audio.seconds)
-            return F.audio_features(wave, self.cfg.audio)
-        if kind == "image" and path.endswith("/"):  # a folder of frames, stacked on channels
+        if path.endswith("/"):  # a folder of frames, stacked on channels
             from mmray.data.sources.source import frame_files
 
-            return np.concatenate([F.image_features(F.load_image(f), self.cfg.image)
-                                   for f in frame_files(path, self.cfg.frames)])
+            files = frame_files(path, self.cfg.frames)
+        else:
+            files = [path]
+        if codec_name == "jpeg":
+            return codec.pack([codec.encode_jpeg(f, self.cfg.image) for f in files])
+        if codec_name == "uint8":
+            return np.concatenate([codec.encode_uint8(F.load_image(f), self.cfg.image) for f in files])
+        return np.concatenate([F.image_features(F.load_image(f), self.cfg.image) for f in files])
+
+    def _one(self, m: str, path: str, inline: str):
+        from mmray.data import features as F
+
+        kind, enc = self.spec.modalities[m].kind, self.encodings[m]["codec"]
+        if kind == "audio":
+            a = self.cfg.audio
+            if enc == "pcm16":  # unpadded: a short clip stores only what it has
+                wave = F.load_audio(path, a.sample_rate, a.store_seconds or a.seconds, pad=False)
+                return codec.encode_pcm16(wave)
+            feats = F.audio_features(F.load_audio(path, a.sample_rate, a.seconds), a)
+            return feats.astype(np.float16) if enc == "float16" else feats
         if kind == "image":
-            return F.image_features(F.load_image(path), self.cfg.image)
+            return self._image(path, enc)
         if kind == "depth":
             return F.depth_features(F.load_depth(path, self.cfg.depth.rotate_bits), self.cfg.depth)
         return F.tokenize(inline if not path else F.read_text(path), self.cfg.text)
@@ -133,8 +151,8 @@ class Featurizer:
         out = {k: batch[k] for k in ("id", "split", "label")}
         errors, error_files = [""] * n, [""] * n
         for m, ms in self.spec.modalities.items():
-            dtype = np.int64 if ms.kind == "text" else np.float32
-            col = np.zeros((n, *ms.shape), dtype=dtype)
+            dtype, shape = codec.stored_column(ms, self.encodings[m])
+            col = np.full(n, b"", dtype=object) if dtype is None else np.zeros((n, *shape), dtype=dtype)
             for i in range(n):
                 path = batch[f"file_{m}"][i]
                 try:
@@ -218,6 +236,25 @@ def _rename_shards(folder: Path) -> None:
         p.rename(folder / f"part-{k:0{width}d}.parquet")
 
 
+# Rows per Parquet row group are chosen for about this many bytes: the unit a streamed epoch
+# reads to fetch one row in a random order (bench/ingest.py), so small for large rows.
+ROW_GROUP_BYTES = 256 * 1024
+
+
+def _regroup(folder: Path) -> None:
+    """Rewrite each shard with row groups of about ROW_GROUP_BYTES (Ray writes one per file)."""
+    import pyarrow.parquet as pq
+
+    for p in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(p)
+        if not table.num_rows:
+            continue
+        rows = max(1, min(table.num_rows, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
+        tmp = p.with_suffix(".regroup")
+        pq.write_table(table, tmp, row_group_size=rows)
+        os.replace(tmp, p)
+
+
 def _write_split(ds, split: str, folder: Path, cfg: DataConfig) -> None:
     from ray.data.expressions import col
 
@@ -229,6 +266,7 @@ def _write_split(ds, split: str, folder: Path, cfg: DataConfig) -> None:
     rows.write_parquet(str(folder / split), min_rows_per_file=cfg.rows_per_file,
                        max_rows_per_file=cfg.rows_per_file, filename_provider=_shard_names())
     _rename_shards(folder / split)
+    _regroup(folder / split)
 
 
 def preprocess(cfg: DataConfig, *, force: bool = False) -> Prepared:

@@ -34,12 +34,17 @@ class TrainConfig:
     gamma: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True))
     # Fraction of the epochs the linear schedule warms up over (0.1 in MAP/REP).
     warmup: float = field(default=0.0, metadata=bounds(0.0, 1.0))
-    # Read each split into Ray's object store once per run (spilled to disk when larger than
-    # memory) rather than re-reading Parquet every epoch: on small machines re-reading starves
-    # the training loop (bench/overhead.py). false = stream from storage every epoch.
-    cache_data: bool = True
-    # Rows kept in each worker's local shuffle buffer (0 = file order).
-    shuffle_buffer: int = field(default=256, metadata=bounds(0))
+    # How each split reaches the training loop (`mmray.data.ingest`). cache: read once into
+    # memory (on Ray: the object store, one copy per node that its workers share); stream: read
+    # from the shard files every epoch, a row group at a time, memory bounded by the batches in
+    # flight; auto: cache a split up to 1/8 of the object store (locally: of the memory), else
+    # stream.
+    ingest: Literal["auto", "cache", "stream"] = "auto"
+    # A new permutation of all training rows every epoch, seeded by (seed, epoch); false: the
+    # shards' order.
+    shuffle: bool = True
+    # Threads that read and decode batches ahead of the training loop; 0: cpus_per_worker.
+    ingest_threads: int = field(default=0, metadata=bounds(0, 256))
     # Ray Train workers for one run, and what each reserves.
     num_workers: int = field(default=1, metadata=bounds(1, 4096))
     cpus_per_worker: float = field(default=1.0, metadata=bounds(0.0, 1024.0, lo_open=True))

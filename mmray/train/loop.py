@@ -305,10 +305,11 @@ def run_local(cfg: ExperimentConfig, version_dir: str | Path, checkpoint_dir: st
               stop_after: int | None = None) -> list[dict]:
     """Train in this process from Parquet shards; resumes from `checkpoint_dir` if it holds one.
 
+    The same ingest as a Ray Train worker (`mmray.data.ingest`), so the batches are the same.
     `stop_after` ends the run after that many epochs of this call (to test resuming).
     """
-    from mmray.data import missing
-    from mmray.data.reader import iter_batches, load_manifest, read_split, spec_of
+    from mmray.data import ingest, missing
+    from mmray.data.reader import load_manifest, spec_of
 
     manifest = load_manifest(version_dir)
     spec = spec_of(manifest)
@@ -317,19 +318,11 @@ def run_local(cfg: ExperimentConfig, version_dir: str | Path, checkpoint_dir: st
     state = build_state(cfg, spec, device)
     if checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_FILE).is_file():
         load_checkpoint(state, checkpoint_dir)
-    columns = {s: read_split(version_dir, s) for s in ("train", "val", "test") if manifest["rows"].get(s)}
-    with_missing: dict[tuple, dict] = {}  # (split, spec) -> columns with the table applied
-
-    def batches(split: str, epoch: int, miss: missing.MissingSpec | None):
-        cols = columns[split]
-        if miss is not None:
-            if (split, miss) not in with_missing:
-                table = missing.load(version_dir, manifest, split, miss)
-                with_missing[(split, miss)] = table.apply(cols)
-            cols = with_missing[(split, miss)]
-        seed = cfg.seed * 1000 + epoch if split == "train" else None
-        return iter_batches(cols, spec, cfg.train.batch_size, shuffle_seed=seed, device=device)
-
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    tables = {s: ingest.read_table(version_dir, s) for s in ingest.SPLITS if manifest["rows"].get(s)
+              and ingest.choose_cache(cfg.train.ingest, ingest.split_bytes(version_dir, s), memory)}
+    readers = ingest.split_readers(cfg, version_dir, manifest, tables)
+    batches = ingest.batches_fn(version_dir, manifest, readers, device)
     done = {"n": 0}
 
     class _Stop(Exception):
@@ -343,8 +336,8 @@ def run_local(cfg: ExperimentConfig, version_dir: str | Path, checkpoint_dir: st
             raise _Stop
 
     ctx = make_context(cfg.train, device)
-    ctx.batches_per_epoch = max(1, math.ceil(len(columns["train"]["id"]) / cfg.train.batch_size))
-    splits = tuple(s for s in ("val", "test") if s in columns)
+    ctx.batches_per_epoch = max(1, math.ceil(len(readers["train"]) / cfg.train.batch_size))
+    splits = tuple(s for s in ("val", "test") if s in readers)
     with contextlib.suppress(_Stop):
         fit(cfg, state, batches, report, ctx, splits=splits)
     return state.history

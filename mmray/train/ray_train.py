@@ -1,9 +1,10 @@
-"""Ray Train glue: one experiment as a `TorchTrainer` whose workers stream their Parquet shard.
+"""Ray Train glue: one experiment as a `TorchTrainer` whose workers read their part of each epoch.
 
-The loop itself is `mmray.train.loop.fit`; Ray touches it in four places, marked RAY below:
-the dataset shards, gradient/metric all-reduce across workers, the checkpoint restored on start
-(after a worker failure Ray restarts the group and hands back the latest one), and the per-epoch
-`ray.train.report`, which carries the checkpoint written by rank 0.
+The loop itself is `mmray.train.loop.fit`; Ray touches it in four places, marked RAY below: the
+splits cached in the object store (`mmray.data.ingest` reads them, or streams the shard files,
+in each epoch's seeded order), gradient/metric all-reduce across workers, the checkpoint restored
+on start (after a worker failure Ray restarts the group and hands back the latest one), and the
+per-epoch `ray.train.report`, which carries the checkpoint written by rank 0.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from mmray.config import from_dict, to_dict
-from mmray.data import missing
-from mmray.data.reader import collate, load_manifest, ray_dataset, spec_of
+from mmray.data import ingest, missing
+from mmray.data.reader import load_manifest, spec_of
 from mmray.train.experiment import ExperimentConfig
 from mmray.train.loop import (
     CHECKPOINT_FILE,
@@ -167,6 +168,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     try:
         state = build_state(cfg, spec, device)
+        cached = config.get("cached") or {}
+        tables = {s: ray.get(ref) for s, ref in cached.items()}  # RAY: mapped, not copied
+        readers = ingest.split_readers(cfg, version_dir, manifest, tables, rank, world)
         checkpoint = ray.train.get_checkpoint()  # RAY: the latest checkpoint after a restart
         if checkpoint:
             with checkpoint.as_directory() as folder:
@@ -188,25 +192,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker = EpochLogger(**config["tracking"])
         # Where this run's workers ran, and the report poll interval that reached them (set on
         # the driver, passed on by Ray through the run's controller).
-        tracker.set_tags({"train_nodes": ",".join(nodes), "train_poll_s": os.environ.get(POLL_ENV, "")})
-
-    shards = {s: ray.train.get_dataset_shard(s) for s in SPLITS if manifest["rows"].get(s)}  # RAY
-
-    tables: dict[tuple, missing.MissingTable] = {}
-
-    def batches(split: str, epoch: int, miss: missing.MissingSpec | None):
-        shuffle = split == "train" and cfg.train.shuffle_buffer > 0
-        it = shards[split].iter_batches(
-            batch_size=cfg.train.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer if shuffle else None,
-            local_shuffle_seed=cfg.seed * 1000 + epoch if shuffle else None,
-        )
-        if miss is None:
-            return (collate(b, spec, device) for b in it)
-        if (split, miss) not in tables:  # sampled once, stored beside the shards
-            tables[(split, miss)] = missing.load(version_dir, manifest, split, miss)
-        return (collate(tables[(split, miss)].apply(b), spec, device) for b in it)
+        # How each split reached the loop (train.ingest).
+        tracker.set_tags({"train_nodes": ",".join(nodes), "train_poll_s": os.environ.get(POLL_ENV, ""),
+                          "ingest": ",".join(f"{s}={'cache' if s in cached else 'stream'}" for s in readers)})
+    batches = ingest.batches_fn(version_dir, manifest, readers, device)
 
     def report(epoch: int, metrics: dict, st: RunState) -> None:
         if tracker:
@@ -216,8 +205,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)  # RAY: a barrier, every rank calls it
 
     ctx = make_context(cfg.train, device, sync_grads=_average_grads)
-    ctx.batches_per_epoch = max(1, math.ceil(manifest["rows"]["train"] / world / cfg.train.batch_size))
-    splits = tuple(s for s in ("val", "test") if s in shards)
+    ctx.batches_per_epoch = max(1, math.ceil(len(readers["train"]) / cfg.train.batch_size))
+    splits = tuple(s for s in ("val", "test") if s in readers)
     if state.epoch >= cfg.train.epochs and state.history:
         # Restored a finished run (e.g. a resumed sweep): nothing to train, report the final state.
         report(state.epoch - 1, state.history[-1], state)
@@ -235,9 +224,10 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
     missing.check(cfg.data.missing, spec_of(manifest))  # a bad type fails here, not in a worker
     # RAY: read by TorchTrainer.fit() in this process and passed on to the run's controller.
     os.environ[POLL_ENV] = str(cfg.train.report_poll_s)
-    datasets = {s: ray_dataset(version_dir, s) for s in SPLITS if manifest["rows"].get(s)}
-    if cfg.train.cache_data:
-        datasets = {s: ds.materialize() for s, ds in datasets.items()}
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    # RAY: a cached split is put in the object store once; workers map it without copying.
+    cached = {s: ray.put(ingest.read_table(version_dir, s)) for s in SPLITS if manifest["rows"].get(s)
+              and ingest.choose_cache(cfg.train.ingest, ingest.split_bytes(version_dir, s), store)}
     use_gpu = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
     )
@@ -245,6 +235,7 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "version_dir": str(version_dir),
                            "tracking": tracking, "train_log_level": train_log_level,
+                           "cached": cached,
                            "setup_errors": f"{storage_path.rstrip('/')}/{name}/setup_errors"},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -261,7 +252,6 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
             # application log file; its system log file keeps every level).
             logging_config=ray.train.LoggingConfig(log_level=train_log_level),
         ),
-        datasets=datasets,
     )
 
 

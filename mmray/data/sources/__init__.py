@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mmray.config import bounds, path_field
+from mmray.data.codec import Augment
 from mmray.data.features import AudioFeatures, DepthFeatures, ImageFeatures, TextFeatures
 from mmray.data.missing import MissingConfig
 from mmray.data.sources.cremad import CremadSource
@@ -57,6 +58,8 @@ class DataSettings:
     image: ImageFeatures = field(default_factory=ImageFeatures)
     text: TextFeatures = field(default_factory=TextFeatures)
     depth: DepthFeatures = field(default_factory=DepthFeatures)
+    # Train-time augmentation, applied when batches are read (not a shard parameter).
+    augment: Augment = field(default_factory=Augment)
     # Frames per sample for an image modality stored as a folder of frames (CREMA-D's visual):
     # evenly spaced, stacked on the channel axis into (3 * frames, size, size). Single-file
     # images (synthetic, Food-101) ignore it.
