@@ -18,6 +18,7 @@ inputs give the same file names (and bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -189,7 +190,9 @@ def _featurize(source, items: list[Item], spec: DatasetSpec, cfg: DataConfig):
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same row order in the shards
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = cfg.progress
+    if not cfg.parallelism:  # one featurizer per CPU
+        cfg = dataclasses.replace(cfg, parallelism=max(1, int(ray.cluster_resources().get("CPU", 1))))
     if hasattr(source, "read_rows"):
         # Sources stored as arrays (MM-IMDB's HDF5) read their own rows, already featurized:
         # the Featurizer's columns (id, split, label, one per modality, error, error_file).

@@ -152,6 +152,22 @@ def make_context(cfg: TrainConfig, device: torch.device,
     return ctx
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MB (ru_maxrss is in KB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _mean(values: list) -> float:
     # One device->host copy per epoch, not per step: step losses stay tensors until here.
     return float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).mean()) if values else 0.0
@@ -261,6 +277,7 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
     missing = split_specs(cfg.data.missing)
     if reduce is not None:
         ctx.reduce_sum = reduce
+    rss_start = rss_mb()
     for epoch in range(state.epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 100_003 + epoch)
         ctx.epoch = epoch
@@ -293,6 +310,11 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
             # The run's mean training time per epoch (a resumed run's earlier epochs included).
             times = [h["time/train_epoch_s"] for h in state.history] + [metrics["time/train_epoch_s"]]
             metrics["cost/train_epoch_s"] = sum(times) / len(times)
+            # Memory of this process (rank 0's on Ray): its peak so far, and where it stood when
+            # this call of fit began (what the data read since then added is at most the
+            # difference).
+            metrics["mem/peak_rss_mb"] = peak_rss_mb()
+            metrics["mem/rss_at_start_mb"] = rss_start
         metrics["epoch"] = epoch
         metrics["lr"] = lr
         state.epoch = epoch + 1

@@ -66,11 +66,15 @@ class DataSettings:
     frames: int = field(default=1, metadata=bounds(1, 3))
     # Skip unreadable input files (counted and named in the manifest) instead of failing.
     skip_corrupt: bool = False
-    # Featurizer actors run in parallel by Ray Data, and rows per map_batches call.
-    parallelism: int = field(default=2, metadata=bounds(1, 4096))
+    # Featurizer actors run in parallel by Ray Data (0: one per CPU of the cluster; each runs
+    # torch on one thread), and rows per map_batches call.
+    parallelism: int = field(default=0, metadata=bounds(0, 4096))
     batch_rows: int = field(default=64, metadata=bounds(1, 1_000_000))
     # Rows per Parquet file (the unit of streaming and of worker sharding).
     rows_per_file: int = field(default=256, metadata=bounds(1, 10_000_000))
+    # Ray Data's progress display while preprocessing: bars on a terminal, periodic progress
+    # lines in a log (a job's output).
+    progress: bool = True
     # Missing modalities (does not change the shards: tables are stored beside them).
     missing: MissingConfig = field(default_factory=MissingConfig)
 
