@@ -81,7 +81,7 @@ def _shards(folder, image_codec: str = "jpeg", rows_per_file: int = 64, row_grou
     data = data_config("synthetic", folder, folder, "data.image.size=16")
     data.image, data.audio = IMAGE, AUDIO
     encs = {"image": codec.encodings(spec.modalities, data)["image"] | {"codec": image_codec},
-            "audio": codec.encodings(spec.modalities, data)["audio"]}
+            "audio": {"codec": "pcm16", "sample_rate": AUDIO.sample_rate, "store_seconds": 0.4}}
     manifest = {"version": "v1", "spec": spec.to_dict(), "rows": {"train": n},
                 "params": {"image": asdict(IMAGE), "audio": asdict(AUDIO), "encodings": encs}}
     (version / "manifest.json").write_text(json.dumps(manifest))
@@ -159,7 +159,7 @@ def test_uint8_images_and_pcm16_audio_read_back_exactly_as_the_float32_features(
 def test_the_manifest_records_each_encoding_and_the_data_version_changes_with_it(tmp_path):
     from mmray.data.sources import get_source
 
-    spec = DatasetSpec("toy", {"a": ModalitySpec("audio", (1, 4, 16)), "v": ModalitySpec("image", (3, 224, 224)),
+    spec = DatasetSpec("toy", {"a": ModalitySpec("audio", (1, 626, 129)), "v": ModalitySpec("image", (3, 224, 224)),
                                "t": ModalitySpec("text", (8,), 100)}, 2)
 
     def version(*overrides):
@@ -171,6 +171,9 @@ def test_the_manifest_records_each_encoding_and_the_data_version_changes_with_it
     assert encs == {"a": {"codec": "pcm16", "sample_rate": 8000, "store_seconds": 0.5},
                     "v": {"codec": "jpeg", "quality": 90, "store_size": 256}, "t": {"codec": "raw"}}
     assert version("data.image.size=32")[0]["v"] == {"codec": "uint8"}  # auto: small images
+    # auto audio: the waveform when it is smaller than the float32 features, else the features.
+    assert AudioFeatures(sample_rate=16000, seconds=5.0).stored_as((1, 626, 129)) == "pcm16"
+    assert AudioFeatures(sample_rate=8000, seconds=0.5).stored_as((1, 30, 32)) == "float32"
     others = {version("data.image.size=224", o)[1] for o in (
         "data.image.encoding=float32", "data.image.quality=80", "data.image.store_size=300",
         "data.audio.encoding=float16", "data.audio.store_seconds=2.0")}

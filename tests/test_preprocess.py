@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -39,7 +41,8 @@ def _index_ids(root, split: str) -> list[str]:
 def test_shards_and_manifest(ray_local, tmp_path):
     # One block of 40 rows, 2 rows per file: a write task writes 14 train files, which Ray's
     # default names (`...-10.parquet` sorts before `...-2.parquet`) would put out of row order.
-    data = _data_cfg(tmp_path, *THREE, "data.rows_per_file=2", "data.batch_rows=40", "data.parallelism=1")
+    data = _data_cfg(tmp_path, *THREE, "data.rows_per_file=2", "data.batch_rows=40", "data.parallelism=1",
+                     "data.audio.encoding=pcm16")
     prepared = preprocess(data)
     assert not prepared.cache_hit
     m = load_manifest(prepared.version_dir)
@@ -47,6 +50,12 @@ def test_shards_and_manifest(ray_local, tmp_path):
     assert m["rows"] == {"train": 28, "val": 6, "test": 6}
     assert m["params"]["audio"]["n_mels"] == data.audio.n_mels and m["skipped"] == []
     assert m["params"]["modalities"] == {"audio": "audio", "image": "image", "text": "text"}
+    # What each column stores, recorded (small images as uint8, audio as asked: unpadded PCM).
+    assert m["params"]["encodings"] == {"audio": {"codec": "pcm16", "sample_rate": 8000, "store_seconds": 0.25},
+                                        "image": {"codec": "uint8"}, "text": {"codec": "raw"}}
+    schema = pq.read_schema(prepared.version_dir / "train" / "part-00000.parquet")
+    assert schema.field("audio").type == pa.binary()
+    assert schema.field("image").type.storage_type.value_type == pa.uint8()
     for rel, digest in m["files"].items():
         assert hashlib.sha256((prepared.version_dir / rel).read_bytes()).hexdigest() == digest
     train_files = sorted(f for f in m["files"] if f.startswith("train/"))
@@ -106,6 +115,18 @@ def test_cache_hit_crash_leftover_and_parameter_change(ray_local, tmp_path):
     other = preprocess(_data_cfg(tmp_path, "data.audio.n_mels=16"))
     assert not other.cache_hit and other.version_dir != first.version_dir
     assert first.version_dir.exists()  # the old version stays
+
+    # The old float32 encoding is another version, and holds exactly what the compact one reads
+    # back as (synthetic images are 32 px uint8, its WAVs 16-bit PCM at the target rate).
+    dense = preprocess(_data_cfg(tmp_path, "data.image.encoding=float32", "data.audio.encoding=float32"))
+    assert dense.version_dir not in (first.version_dir, other.version_dir)
+    assert dense.manifest["params"]["encodings"]["image"] == {"codec": "float32"}
+    for split in ("train", "test"):
+        compact, full = read_split(first.version_dir, split), read_split(dense.version_dir, split)
+        for mod in ("audio", "image"):
+            np.testing.assert_array_equal(compact[mod], full[mod])
+    size = {p.version_dir: sum(f.stat().st_size for f in p.version_dir.rglob("*.parquet")) for p in (first, dense)}
+    assert size[first.version_dir] < size[dense.version_dir]
 
 
 def test_corrupt_files_are_named_and_nothing_is_written(ray_local, tmp_path):

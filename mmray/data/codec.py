@@ -74,8 +74,8 @@ def encodings(modalities: dict[str, ModalitySpec], cfg) -> dict[str, dict]:
             if codec == "jpeg":
                 out[m].update(quality=cfg.image.quality, store_size=cfg.image.store_side())
         elif ms.kind == "audio":
-            out[m] = {"codec": cfg.audio.encoding}
-            if cfg.audio.encoding == "pcm16":
+            out[m] = {"codec": cfg.audio.stored_as(ms.shape)}
+            if out[m]["codec"] == "pcm16":
                 out[m].update(sample_rate=cfg.audio.sample_rate,
                               store_seconds=cfg.audio.store_seconds or cfg.audio.seconds)
         else:

@@ -6,6 +6,7 @@ Every decode error names the file it came from.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -36,12 +37,22 @@ class AudioFeatures:
     std: float = field(default=1.0, metadata=bounds(0.0, None, lo_open=True))
     # How the shards store audio (`mmray.data.ingest` computes the features when reading):
     # pcm16: the waveform at `sample_rate` as 16-bit PCM, unpadded, up to `store_seconds`
-    # (features from it are within 16-bit quantisation of the float waveform's; a train-time
-    # random crop needs it); float16 / float32: the features themselves (no crop augmentation).
-    encoding: Literal["pcm16", "float16", "float32"] = "pcm16"
+    # (features from it are within 16-bit quantisation of the float waveform's, exact for 16-bit
+    # sources at that rate; a train-time random crop needs it); float16 / float32: the features
+    # themselves (no crop augmentation). auto: pcm16 when the stored clip takes fewer bytes than
+    # the float32 features (CREMA-D's 5 s STFT: 160 KB against 323 KB), else float32 (short
+    # clips with few mel bins, as the synthetic data's).
+    encoding: Literal["auto", "pcm16", "float16", "float32"] = "auto"
     # Seconds of each clip the pcm16 shards keep; 0: `seconds` (all a start crop reads). Longer
     # lets `data.augment.audio_crop=random` pick a window anywhere in the first store_seconds.
     store_seconds: float = field(default=0.0, metadata=bounds(0.0, 600.0))
+
+    def stored_as(self, feature_shape: tuple[int, ...]) -> str:
+        """The encoding the shards get (auto resolved by bytes per sample)."""
+        if self.encoding != "auto":
+            return self.encoding
+        pcm = 2 * round(self.sample_rate * (self.store_seconds or self.seconds))
+        return "pcm16" if pcm < 4 * math.prod(feature_shape) else "float32"
 
 
 @dataclass

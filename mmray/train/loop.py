@@ -286,6 +286,10 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
         ctx.train_batches = functools.partial(batches, "train", epoch, missing["train"])
         metrics = train_epoch(state, ctx.train_batches(), ctx)
         metrics["time/train_epoch_s"] = time.perf_counter() - t0
+        # Memory of this process (rank 0's on Ray): its peak up to the end of this epoch's
+        # training (before evaluating), and where it stood when this call of fit began.
+        metrics["mem/peak_rss_mb"] = peak_rss_mb()
+        metrics["mem/rss_at_start_mb"] = rss_start
         last = epoch == cfg.train.epochs - 1
         cost_split = "test" if "test" in splits else "val"  # the run's last evaluation
         t_eval = time.perf_counter()
@@ -310,11 +314,6 @@ def fit(cfg: ExperimentConfig, state: RunState, batches: BatchesFn, report: Repo
             # The run's mean training time per epoch (a resumed run's earlier epochs included).
             times = [h["time/train_epoch_s"] for h in state.history] + [metrics["time/train_epoch_s"]]
             metrics["cost/train_epoch_s"] = sum(times) / len(times)
-            # Memory of this process (rank 0's on Ray): its peak so far, and where it stood when
-            # this call of fit began (what the data read since then added is at most the
-            # difference).
-            metrics["mem/peak_rss_mb"] = peak_rss_mb()
-            metrics["mem/rss_at_start_mb"] = rss_start
         metrics["epoch"] = epoch
         metrics["lr"] = lr
         state.epoch = epoch + 1
