@@ -173,3 +173,13 @@ def test_missing_index_is_named(tmp_path):
     shutil.rmtree(tmp_path / "raw")
     with pytest.raises(FileNotFoundError, match="index.csv"):
         preprocess(data)
+
+
+def test_progress_is_shown_unless_turned_off(ray_local, tmp_path, capfd):
+    """Ray Data's progress of the featurizing pass: bars on a terminal, lines in a log."""
+    preprocess(_data_cfg(tmp_path / "on", "data.progress=true"))
+    shown = capfd.readouterr().err
+    preprocess(_data_cfg(tmp_path / "off", "data.progress=false"))
+    hidden = capfd.readouterr().err
+    assert "MapBatches(Featurizer)" in shown and "Total Progress" in shown
+    assert "Total Progress" not in hidden
