@@ -85,8 +85,8 @@ class TableRows:
 
 
 class ParquetRows:
-    """A split read from its shard files on demand: a row costs reading its row group (written
-    at about 256 KB by preprocessing), each thread keeps its own file handles."""
+    """A split read from its shard files on demand: a row costs reading its row group (about
+    64 KB, written by preprocessing), each thread keeps its own file handles."""
 
     def __init__(self, version_dir: str | Path, split: str):
         import pyarrow.parquet as pq
