@@ -22,13 +22,15 @@ demo: $(STAMP)
 
 # The fast tier, then the `ray` tier, as two pytest runs that each print their own time. Exit
 # status 5 (no test selected) is not a failure: a tier may be empty in a narrowed run.
-FAST := $(BIN)/python -m pytest -q -m "not ray" tests || test $$? -eq 5
+FAST := $(BIN)/python -m pytest -q -m "not ray and not slow" tests || test $$? -eq 5
+SLOW := $(BIN)/python -m pytest -q -m "slow and not ray" tests || test $$? -eq 5
 RAY := $(BIN)/python -m pytest -q -m ray tests || test $$? -eq 5
 
 # tests/test_report.py opens the HTML report in headless Chromium (Debian's `chromium`).
 test: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	$(FAST)
+	$(SLOW)
 	$(RAY)
 
 test-fast: $(STAMP)
@@ -41,6 +43,7 @@ ui: $(STAMP)
 # Each benchmark writes <name>.json and <name>.md into bench/results; summary.md gathers them.
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/dynmm_cost.py
 	$(BIN)/python bench/m2pt_merge.py

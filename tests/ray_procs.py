@@ -79,14 +79,34 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, trial_slots: int = 2) -> Iterator[tuple[str, dict]]:
-    """Yield (dashboard address, environment for the CLI) of a fresh head; stop it afterwards."""
+def ray_head(num_cpus: int = 2, trial_slots: int = 2,
+             autoscaling: dict | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (dashboard address, environment for the CLI) of a fresh head; stop it afterwards.
+
+    `autoscaling`: an autoscaler config for Ray's fake multi-node provider (`fake_autoscaling`
+    builds one); the head then runs the autoscaler, which starts and stops worker nodes as
+    raylets on this machine, below the head's daemons (so stopping the head stops them too)."""
     temp = tempfile.mkdtemp(prefix="mmray-head-", dir="/tmp")  # socket paths must stay short
     gcs, dash, agent = free_port(), free_port(), free_port()
     # The job's `python` must be this environment's, so the head starts with it first on PATH.
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    extra = []
+    if autoscaling is not None:
+        import json
+
+        config = Path(temp) / "autoscaling.json"
+        # The provider connects its nodes to this head's GCS (by default it assumes port 6379).
+        autoscaling = {**autoscaling, "provider": {**autoscaling["provider"],
+                                                   "gcs_address": f"127.0.0.1:{gcs}"}}
+        config.write_text(json.dumps(autoscaling))
+        extra = [f"--autoscaling-config={config}"]
+        # RAY_FAKE_CLUSTER: the provider refuses to start without it; the update interval is
+        # the autoscaler's loop (5 s by default), so it reacts within a second or two.
+        env_head = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    else:
+        env_head = env
     proc = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -94,8 +114,8 @@ def ray_head(num_cpus: int = 2, trial_slots: int = 2) -> Iterator[tuple[str, dic
          # embedded one) would already hold it, and the head would never take a job.
          f"--dashboard-agent-listen-port={agent}", f"--num-cpus={num_cpus}",
          f'--resources={{"trial_slot": {trial_slots}}}', f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+         "--disable-usage-stats", *extra],
+        env=env_head, capture_output=True, text=True, timeout=120, start_new_session=True)
     pgid = _group_of_daemons(temp)
     try:
         if proc.returncode != 0:
@@ -104,6 +124,25 @@ def ray_head(num_cpus: int = 2, trial_slots: int = 2) -> Iterator[tuple[str, dic
     finally:
         if pgid is not None:
             stop_group(pgid)
+
+
+def fake_autoscaling(head: dict, workers: dict, idle_timeout_minutes: float) -> dict:
+    """An autoscaler config for Ray's fake multi-node provider (the fields `ray up` would read;
+    Ray's own `fake_multi_node/example.yaml` is the model): `head` the head's resources as the
+    autoscaler should count them, `workers` the worker node types (resources, min/max_workers)."""
+    types = {"ray.head.default": {"resources": head, "node_config": {}, "max_workers": 0},
+             **{name: {"node_config": {}, **t} for name, t in workers.items()}}
+    return {
+        "cluster_name": "fake", "max_workers": sum(t["max_workers"] for t in workers.values()),
+        "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_minutes,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": types, "head_node_type": "ray.head.default", "auth": {},
+        "docker": {}, "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
 
 
 def _group_of_daemons(temp: str) -> int | None:
@@ -119,11 +158,13 @@ def _group_of_daemons(temp: str) -> int | None:
 
 
 def submit_job(address: str, env: dict, entrypoint: list[str], cwd: Path, runtime_env: dict,
-               timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """`ray job submit` of `entrypoint` with `cwd` as the working dir; waits for the job to end."""
+               timeout_s: float = 600, upload: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit` of `entrypoint` with `cwd` as the working dir; waits for the job to end.
+    `upload=False`: no working dir is uploaded (the entrypoint names its files by absolute path)."""
     import json
 
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address,
+           *(["--working-dir", "."] if upload else []),
            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
 

@@ -38,7 +38,8 @@ def test_defaults_are_valid():
     ("data.synthetic.strength={audoi: 0.5}", "data.synthetic.strength.audoi: not a modality; accepted: audio, image, text"),
     ("data.synthetic.modalities=[image, text]", "data.synthetic.strength: no strength for modality 'text'"),
     ("method.options={gamma: 1}", "method.options.gamma: unknown key"),
-    ("train.mixed_precision=1", "train.mixed_precision: expected true or false, got 1"),
+    ("train.compile=1", "train.compile: expected true or false, got 1"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not accepted; accepted: one of 'auto', 'fp32', 'bf16', 'fp16'"),
 ])
 def test_each_error_names_the_key(override, expected):
     assert expected in _errors([override])

@@ -181,9 +181,9 @@ def test_presets():
     assert _method(preset="reference", project=True).options.update_first is True
 
 
-def test_the_head_gradient_is_projected_before_it_is_averaged_across_workers():
-    # Each worker's P comes from its own batches: projecting before the average keeps the
-    # averaged gradient, and so the parameters, identical on every worker.
+def test_the_head_gradient_is_projected_after_it_is_averaged_across_workers():
+    # The average comes first (during backward with several workers); P, from features summed
+    # over the workers, then projects the averaged gradient.
     method = _method()
     opt, synced = Recorder(method), []
     ctx = StepContext(device=torch.device("cpu"),
@@ -192,7 +192,10 @@ def test_the_head_gradient_is_projected_before_it_is_averaged_across_workers():
         method.train_step(make_batch(SPEC, seed=s), opt, ctx)
     assert len(synced) == len(opt.seen) == 4
     for got, step in zip(synced, opt.seen):
-        torch.testing.assert_close(got, step["head.weight"])
+        head = nn.Linear(method.head.in_features, method.head.out_features)
+        head.weight.grad = got.clone()
+        project_gradient_(head, step["P"])
+        torch.testing.assert_close(head.weight.grad, step["head.weight"])
     assert not torch.allclose(method.projector, torch.eye(6))
 
 

@@ -267,9 +267,9 @@ def test_a_fixed_batch_and_seed_give_the_pinned_losses_and_coefficients(key):
         assert row == pytest.approx(want, abs=1e-5), f"step {step}: {row} vs {want}"
 
 
-def test_gradients_are_modulated_before_they_are_averaged_across_workers():
-    # Each worker's coefficients come from its own batch: scaling before the average keeps the
-    # averaged gradient, and so the parameters, identical on every worker.
+def test_gradients_are_modulated_after_they_are_averaged_across_workers():
+    # The average comes first (during backward with several workers); the coefficients, from
+    # scores summed over the workers, then scale the averaged gradient.
     method = _method(gaussian_enhance=False)
     batch = make_batch(SPEC, b=8)
     raw, per_mod = _raw_grads(method, batch)
@@ -279,5 +279,8 @@ def test_gradients_are_modulated_before_they_are_averaged_across_workers():
         [None if p.grad is None else p.grad.clone() for p in module.parameters()]))
     method.train_step(batch, Recorder(method.parameters()), ctx)
     owner = _encoder_index(method)
-    for i, (got, want) in enumerate(zip(synced[0], raw)):
+    for got, want in zip(synced[0], raw):
+        torch.testing.assert_close(got, want)  # unmodulated when averaged
+    applied = [None if p.grad is None else p.grad for p in method.parameters()]
+    for i, (got, want) in enumerate(zip(applied, raw)):
         torch.testing.assert_close(got, want * k[owner[i]] if i in owner else want)

@@ -85,7 +85,7 @@ def _grads(method: Method) -> dict[int, torch.Tensor]:
     return {id(p): p.grad.clone() for p in method.parameters() if p.grad is not None}
 
 
-def test_the_ending_edits_then_averages_then_measures_and_steps():
+def test_the_ending_averages_then_edits_then_measures_and_steps():
     torch.manual_seed(0)
     method = build_method(SPEC, MODEL, MethodConfig("normal"))
     batch = make_batch(SPEC)
@@ -107,7 +107,7 @@ def test_the_ending_edits_then_averages_then_measures_and_steps():
 
     def average(module) -> None:  # as if a second worker contributed zero gradients
         events.append("sync")
-        seen["sync"] = _grads(module)
+        seen["sync"] = _grads(module)  # fresh: the stale 7s are gone
         for p in module.parameters():
             if p.grad is not None:
                 p.grad.div_(2.0)
@@ -117,13 +117,13 @@ def test_the_ending_edits_then_averages_then_measures_and_steps():
     logs = method.backward_and_step(loss, opt, StepContext(device=CPU, sync_grads=average),
                                     {"extra": loss * 2, "count": 3}, edit_grads=edit)
 
-    assert events == ["edit", "sync", "step"]
-    assert seen["edit"].keys() == fresh.keys()
+    assert events == ["sync", "edit", "step"]
+    assert seen["sync"].keys() == fresh.keys()
     for k, g in fresh.items():
-        torch.testing.assert_close(seen["edit"][k], g)  # fresh: the stale 7s are gone
-        edited = g * 3.0 if k in audio else g
-        torch.testing.assert_close(seen["sync"][k], edited)  # the average sees the edit
-        torch.testing.assert_close(opt.applied[0][k], edited / 2)  # the step, the average
+        torch.testing.assert_close(seen["sync"][k], g)
+        torch.testing.assert_close(seen["edit"][k], g / 2)  # the edit sees the average
+        edited = g / 2 * 3.0 if k in audio else g / 2
+        torch.testing.assert_close(opt.applied[0][k], edited)  # the step, the edited average
     for p in method.parameters():
         torch.testing.assert_close(p.detach(), before[id(p)] - 0.1 * opt.applied[0][id(p)])
     assert set(logs) == {"loss", "extra", "count", "grad/audio", "grad/image"}

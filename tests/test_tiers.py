@@ -99,12 +99,13 @@ def test_a_ray_fixture_marks_its_tests_and_the_fast_tier_fails_a_test_that_start
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not found")
-def test_make_test_runs_the_fast_tier_then_the_ray_tier():
+def test_make_test_runs_the_fast_tier_then_the_slow_then_the_ray_tier():
     def recipe(target: str) -> list[str]:
         out = subprocess.run(["make", "-n", target], cwd=TESTS.parent, capture_output=True, text=True,
                              timeout=60, check=True).stdout
         return [ln for ln in out.splitlines() if "-m pytest" in ln]
 
-    fast = '.venv/bin/python -m pytest -q -m "not ray" tests || test $? -eq 5'
+    fast = '.venv/bin/python -m pytest -q -m "not ray and not slow" tests || test $? -eq 5'
     assert recipe("test-fast") == [fast]
-    assert recipe("test") == [fast, ".venv/bin/python -m pytest -q -m ray tests || test $? -eq 5"]
+    assert recipe("test") == [fast, '.venv/bin/python -m pytest -q -m "slow and not ray" tests || test $? -eq 5',
+                              ".venv/bin/python -m pytest -q -m ray tests || test $? -eq 5"]

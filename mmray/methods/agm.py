@@ -76,9 +76,10 @@ Where mmray differs from the reference implementation under every preset:
   responses' accuracies). With `mask: feature` and the linear fusion heads o_m equals z_m.
 - Missing modalities: an absent modality's features are zero in every coalition, so its
   response on that sample is the shared baseline f(∅)/M; s_m averages over the whole batch.
-- With several Ray Train workers each worker computes k_m and s*_m from its own batches; the
-  clip runs before the gradients are averaged (the `edit_grads` hook of `backward_and_step`),
-  and the checkpoint holds one worker's s*_m. With one worker this is the reference's order.
+- With several Ray Train workers the scores s_m are the global batch's means (summed over the
+  workers, `ctx.reduce_sum`), so k_m and s*_m are those of one process on the global batch and
+  the same on every worker; the clip runs on the averaged gradient (`edit_grads` runs after the
+  average): N workers × batch B step as one process with batch N·B.
 - Multi-label datasets are rejected: s_m is the log-probability of one true class under a
   softmax.
 
@@ -323,7 +324,10 @@ class AGM(Normal):
         # At least float32 (bf16 under autocast), as the loss is.
         values = {s: v.to(torch.promote_types(v.dtype, torch.float32)) for s, v in values.items()}
         responses = shapley_responses(values, self.modalities)
-        scores = response_scores(responses, batch["label"])
+        # The global batch's mean: each worker's mean weighted by its rows, summed over workers.
+        rows = torch.tensor([float(len(batch["label"]))], dtype=torch.float64, device=self.running_score.device)
+        summed = ctx.reduce_sum(torch.cat([response_scores(responses, batch["label"]) * rows, rows]))
+        scores = summed[:-1] / summed[-1]
         ratios = discrepancy_ratios(scores)
         concept = discrepancy_ratios(self.running_score)  # r*, before this step enters s*
         k = self.applied_coefficients(agm_coefficients(ratios, concept, o.alpha, o.clamp), ctx.epoch)

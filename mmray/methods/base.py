@@ -56,13 +56,41 @@ class StepContext:
     epoch: int = 0
     batch_idx: int = 0
     batches_per_epoch: int = 1
-    # bf16 autocast on CUDA when mixed precision is on; a no-op elsewhere.
+    # The autocast dtype of forward passes (`train.precision`): bf16 or fp16; None: fp32.
     amp_dtype: torch.dtype | None = None
-    # Averages gradients across Ray Train workers (a no-op with one worker).
+    # fp16 only: the dynamic loss scaler (a torch.amp.GradScaler) that `backward_and_step`
+    # scales the loss with and unscales the gradients by before anything reads them; None
+    # otherwise. The training state owns it (`RunState.scaler`: its scale is checkpointed).
+    scaler: Any = None
+    # Optimizer steps `backward_and_step` took and skipped so far (skipped: gradients not finite,
+    # only with the scaler), and whether the last one was skipped: the loop restores the
+    # method's state when a batch's steps were all skipped (`mmray.train.loop.train_step`); a
+    # method stepping several times per batch (MLA) undoes its own state change for one.
+    applied_steps: int = 0
+    skipped_steps: int = 0
+    last_step_skipped: bool = False
+    # Ray Train workers taking part in each step (their batches together are the global batch)
+    # and this one's rank: its batch holds rows rank, rank + world_size, ... of the global one.
+    world_size: int = 1
+    rank: int = 0
+    # Called right before backward with the module and its loss: with several workers it arms
+    # the bucketed gradient all-reduce that overlaps backward (`mmray.train.collective`).
+    before_backward: Callable[[nn.Module, torch.Tensor], None] = lambda module, loss: None
+    # Right after backward: waits for that all-reduce, leaving every gradient the average over
+    # workers (a no-op with one worker).
     sync_grads: Callable[[nn.Module], None] = lambda module: None
     # Sums a tensor over Ray Train workers (the tensor itself with one worker): for statistics a
-    # method gathers over the data before its steps (`Method.before_epoch`).
+    # method takes from its batch (OGM-GE's scores) or from the data (`Method.before_epoch`),
+    # so that they are the global batch's. Not differentiable.
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # The rows (dim 0) of every worker's tensor, in the global batch's order (the tensor itself
+    # with one worker): for a statistic that needs the global batch's rows. Not differentiable.
+    all_gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # Every worker's rows of a tensor, concatenated in rank order, with autograd: for a loss
+    # that compares a sample with the rest of the batch (reprogramming's InfoNCE). Each worker
+    # then computes the global batch's loss; the gradient reaching its own rows is summed over
+    # the workers, so the averaged parameter gradient is the global loss's.
+    gather_with_grad: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     # This epoch's train batches: this worker's shard, in the order this epoch's steps get them
     # (the same shuffle seed), with the epoch's missing-modality table applied. Set by the loop
     # each epoch; a method may pass over them in `before_epoch`, as often as it needs.
@@ -89,6 +117,15 @@ def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     mask); 0, still in the graph, when no sample counts."""
     w = weight.to(values.device, values.dtype)
     return (values * w).sum() / w.sum().clamp(min=1)
+
+
+def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (no inf, no NaN): one fused
+    max-norm over them and one host sync."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
 
 
 @dataclass
@@ -218,39 +255,69 @@ class Method(nn.Module):
         """How every train step ends, and the only place gradients are made and applied:
 
         1. fresh gradients of `loss` (`zero_grad(set_to_none=True)`, so a parameter the loss
-           does not reach has none and the optimizer skips it), then backward;
-        2. `edit_grads()`, the method's own change of this worker's gradients (OGM-GE's
-           modulation and noise, MLA's head projection). It runs before the average: each worker
-           edits with what it computed from its own batch, and averaging the edited gradients
-           keeps the parameters identical on every worker;
-        3. `ctx.sync_grads(self)`: the average across Ray Train workers;
+           does not reach has none and the optimizer skips it), then backward. With several
+           Ray Train workers, `ctx.before_backward` arms the gradient average first: buckets of
+           gradients are all-reduced while backward still runs (DDP's overlap,
+           `mmray.train.collective.GradReducer`); a parameter that no worker's loss reaches
+           keeps no gradient;
+        2. `ctx.sync_grads(self)`: waits for that average, so every gradient is the mean over
+           workers, which is the gradient of the global batch (the workers' batches together)
+           when the loss is a mean over the batch's samples;
+        3. `edit_grads()`, the method's own change of the gradients (OGM-GE's modulation and
+           noise, MLA's head projection, MMPareto's combination). It acts on the averaged
+           gradient, the same on every worker: for the step to be the one a single process makes
+           on the global batch, an edit computes what it uses from global statistics
+           (`ctx.reduce_sum`, `ctx.all_gather`) and draws its random numbers identically on every
+           worker (the loop seeds torch from (seed, epoch) alike everywhere);
         4. the encoders' gradient norms, of the gradient the step applies;
         5. one optimizer step.
+
+        Under fp16 (`ctx.scaler`) backward runs on the scaled loss and the gradients are unscaled
+        right after the average, so edits and norms see the true gradient; a step whose final
+        gradients (after the edit) are not finite is skipped, which leaves the parameters and
+        the optimizer state as they were, and the scaler backs its scale off after an overflow.
 
         A method that steps several times per batch (MLA: once per modality) calls this once per
         step. Returns {"loss", **logs (detached), "grad/<m>"}: the values to log.
         """
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        ctx.before_backward(self, loss)
+        scaler = ctx.scaler  # fp16 only
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        ctx.sync_grads(self)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # before any edit: modulation and noise act on true grads
         if edit_grads is not None:
             edit_grads()
-        ctx.sync_grads(self)
         out = {"loss": loss.detach(),
                **{k: v.detach() if torch.is_tensor(v) else v for k, v in (logs or {}).items()},
                **self.grad_norms()}
-        optimizer.step()
+        skip = scaler is not None and not grads_finite(optimizer)  # a host sync, as GradScaler's
+        if not skip:
+            optimizer.step()
+        if scaler is not None:
+            scaler.update()  # the scale: halved after an overflow, doubled after a run of good steps
+        ctx.last_step_skipped = skip
+        ctx.applied_steps += int(not skip)
+        ctx.skipped_steps += int(skip)
         return out
 
     @staticmethod
-    def task_grads(losses: dict[str, torch.Tensor],
-                   params: list[nn.Parameter]) -> dict[str, list[torch.Tensor]]:
+    def task_grads(losses: dict[str, torch.Tensor], params: list[nn.Parameter],
+                   ctx: StepContext | None = None) -> dict[str, list[torch.Tensor]]:
         """Each loss's own gradient with respect to `params`, without touching `.grad` (a zero
         tensor where a loss does not reach a parameter): for a method that combines per-task
         gradients (MMPareto) in its `edit_grads`. The graph is kept for the step's backward;
-        each call costs one backward pass per loss."""
+        each call costs one backward pass per loss. Under fp16 (`ctx.scaler`) each backward
+        runs on the scaled loss and the gradient is returned unscaled, as `.grad` is."""
+        scaler = None if ctx is None else ctx.scaler
         out = {}
         for name, loss in losses.items():
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            scaled = loss if scaler is None else scaler.scale(loss)
+            grads = torch.autograd.grad(scaled, params, retain_graph=True, allow_unused=True)
+            if scaler is not None:  # 1/scale taken in float64, as GradScaler.unscale_ takes it
+                inv = scaler.scale(torch.ones((), dtype=torch.float64, device=loss.device)).reciprocal()
+                grads = [None if g is None else g * inv.to(g.dtype) for g in grads]
             out[name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         return out
 

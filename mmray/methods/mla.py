@@ -62,10 +62,11 @@ Where mmray differs from the reference implementation beyond these options:
 - Fixed fusion weights are read per modality name (`fusion_weights`); empty gives equal weights.
 - Missing modalities: loss_m and r average over the samples where m is present, and the dynamic
   rule gives an absent modality zero weight (the reference has no missing-modality path).
-- With several Ray Train workers the projection uses each worker's own P and runs before the
-  gradients are averaged (the `edit_grads` hook of `backward_and_step`), so the averaged
-  gradient, and hence the parameters, stay identical on every worker; the checkpoint holds one
-  worker's P.
+- With several Ray Train workers r is the global batch's mean feature (summed over workers), so
+  P is the same on every worker, and the projection acts on the averaged gradient (`edit_grads`
+  runs after the average): N workers × batch B step as one process with batch N·B. With
+  missing modalities loss_m is each worker's mean over its present samples, averaged over the
+  workers, which differs from the global batch's masked mean when the workers' counts differ.
 - `method.fusion` is not used: MLA has one shared head and fuses at the logit level.
 - The logged `loss` is the mean of the unimodal losses (the reference logs
   0.55·loss_a + 0.45·loss_v, also with three modalities).
@@ -257,11 +258,11 @@ class MLA(Method):
                 logits = self.head(feats[m])
             present = batch["present"][m].to(feats[m].device)
             loss_m = self.masked_criterion(logits, batch["label"], present)
-            r = self._mean_feature(feats[m], present)
+            r = self._mean_feature(feats[m], present, ctx)
             projects = opts.project and not (opts.skip_first_step and first_batch and i == 0)
 
             def edit(r: torch.Tensor = r, projects: bool = projects) -> None:
-                # Before the average: see the module docstring.
+                # After the average, with the global batch's r: see the module docstring.
                 if opts.zero_grad_steps:
                     self._zero_grads_of_stepped(stepped)
                 if projects and opts.update_first:
@@ -271,12 +272,18 @@ class MLA(Method):
 
             # Each encoder's graph is separate and used once, so no retain_graph is needed; the
             # other encoders' gradients stay None and the optimizer skips them.
+            # fp16: a step skipped for non-finite gradients undoes what its edit changed.
+            kept = (self.projector.clone(), dict(stepped)) if ctx.scaler is not None else None
             step = self.backward_and_step(
                 loss_m, optimizer, ctx,
                 edit_grads=edit if projects or opts.zero_grad_steps else None)
             logs[f"loss/{m}"] = step["loss"]
             logs[f"grad/{m}"] = step[f"grad/{m}"]
-            if projects and not opts.update_first:
+            if ctx.last_step_skipped and kept is not None:
+                self.projector.copy_(kept[0])
+                stepped.clear()
+                stepped.update(kept[1])
+            elif projects and not opts.update_first:
                 self._update_projector(r, alpha)
         logs["loss"] = torch.stack([logs[f"loss/{m}"] for m in self.order]).mean()
         return logs
@@ -293,9 +300,11 @@ class MLA(Method):
         stepped.update((id(p), p) for p in self.parameters() if p.grad is not None)
 
     @staticmethod
-    def _mean_feature(h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """r = mean over the batch of h_m (absent samples are zero rows and are not counted), in
-        float64 like P: the reference's element-wise divisor α + k r amplifies rounding in r."""
-        n = present.to(torch.float64).sum().clamp(min=1)
-        return h.detach().double().sum(0) / n
+    def _mean_feature(h: torch.Tensor, present: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """r = mean over the global batch (summed over workers) of h_m (absent samples are zero
+        rows and are not counted), in float64 like P: the reference's element-wise divisor
+        α + k r amplifies rounding in r."""
+        n = present.to(device=h.device, dtype=torch.float64).sum().reshape(1)
+        summed = ctx.reduce_sum(torch.cat([h.detach().double().sum(0), n]))
+        return summed[:-1] / summed[-1].clamp(min=1)
 

@@ -86,9 +86,12 @@ Where mmray differs from the reference implementation under every preset:
   sees the gradients. The reference has CE only.
 - Missing modalities: L_m averages over the samples where m is present (0 if none: then both of
   encoder m's gradients are zero and so is its update); L_mm over the whole batch.
-- With several Ray Train workers each worker computes γ and the rescaling from its own batch and
-  edits its gradients before they are averaged (the `edit_grads` hook of `backward_and_step`), so
-  the parameters stay identical on every worker; with one worker this is the reference's order.
+- With several Ray Train workers the task gradients are averaged over the workers (one extra
+  all-reduce of the shared parameters' size per loss) and the combination acts on the averaged
+  gradient (`edit_grads` runs after the average), so γ and the rescaling are those of one
+  process on the global batch: N workers × batch B step as one process with batch N·B (with
+  missing modalities L_m is each worker's masked mean, averaged, which differs from the global
+  batch's when the workers' counts of present samples differ).
 - Cost: one backward per loss for the task gradients (`Method.task_grads`: 1 + M), then the
   step's own backward, as the reference's 3 + 1.
 """
@@ -198,6 +201,15 @@ def rescale(combined: list[torch.Tensor], summed: list[torch.Tensor], factor: fl
 # ---------------------------------------------------------------------------------------------
 
 
+def _worker_mean(grads: list[torch.Tensor], ctx: StepContext | None) -> list[torch.Tensor]:
+    """Task gradients averaged over the workers in one all-reduce (themselves with one worker):
+    `task_grads` does not go through backward's averaged `.grad`."""
+    if ctx is None or ctx.world_size == 1 or not grads:
+        return grads
+    flat = ctx.reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / ctx.world_size
+    return [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+
+
 class MMPareto(Method):
     """Late fusion plus unimodal heads; each encoder's two gradients integrated by MMPareto."""
 
@@ -242,16 +254,19 @@ class MMPareto(Method):
                 for m in self.modalities}
 
     def pareto_weights(self, loss_mm: torch.Tensor, unimodal: dict[str, torch.Tensor],
-                       params: dict[str, list[nn.Parameter]]) -> dict[str, dict[str, Any]]:
-        """Per modality: g_mm and g_u (task gradients), γ, the branch and the cosine."""
+                       params: dict[str, list[nn.Parameter]],
+                       ctx: StepContext | None = None) -> dict[str, dict[str, Any]]:
+        """Per modality: g_mm and g_u (task gradients, averaged over the workers with `ctx`),
+        γ, the branch and the cosine."""
         every = [p for m in self.modalities for p in params[m]]
-        flat_mm = self.task_grads({"mm": loss_mm}, every)["mm"] if every else []
+        flat_mm = self.task_grads({"mm": loss_mm}, every, ctx)["mm"] if every else []
+        flat_mm = _worker_mean(flat_mm, ctx)
         out, start = {}, 0
         for m in self.modalities:
             g_mm = flat_mm[start:start + len(params[m])]
             start += len(params[m])
             # A frozen encoder has nothing to integrate (and autograd no inputs to differentiate).
-            g_u = self.task_grads({m: unimodal[m]}, params[m])[m] if params[m] else []
+            g_u = _worker_mean(self.task_grads({m: unimodal[m]}, params[m], ctx)[m] if params[m] else [], ctx)
             if self.options.task_grads_summed:
                 g_mm = g_u = [a + b for a, b in zip(g_mm, g_u, strict=True)]
             v11, v12, v22 = dot_products(g_mm, g_u)
@@ -282,7 +297,7 @@ class MMPareto(Method):
         loss_mm = self.criterion(out.logits, label)
         unimodal = {m: self.masked_criterion(out.per_modality[m], label, batch["present"][m]) for m in self.modalities}
         params = self.shared_params()
-        weights = self.pareto_weights(loss_mm, unimodal, params)
+        weights = self.pareto_weights(loss_mm, unimodal, params, ctx)
         logs: dict[str, Any] = {"loss/mm": loss_mm}
         for m in self.modalities:
             logs[f"loss/{m}"] = unimodal[m]
@@ -290,6 +305,6 @@ class MMPareto(Method):
             logs[f"pareto/gamma_{m}"] = weights[m]["gamma"].float()
             logs[f"pareto/cos_{m}"] = weights[m]["cos"].float()
         total = loss_mm + sum(unimodal.values())
-        # Before the average: each worker integrates its own gradients (module docstring).
+        # After the average, from averaged task gradients: the same on every worker.
         return self.backward_and_step(total, optimizer, ctx, logs,
                                       edit_grads=lambda: self.integrate_(params, weights))

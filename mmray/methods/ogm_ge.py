@@ -52,10 +52,10 @@ Where mmray differs from the reference implementation under every preset:
 - Noise is drawn modality by modality, in the dataset's order, parameter by parameter; the
   reference draws in `model.named_parameters()` order: the same sequence when the dataset lists
   the modalities in the reference's order (its fusion head, first, is never modulated).
-- With several Ray Train workers the coefficients come from each worker's own batch; gradients are
-  modulated *before* they are averaged (the `edit_grads` hook of `backward_and_step`), so the
-  averaged gradient, and hence the parameters, stay identical on every worker (with one worker
-  this is exactly the reference's order).
+- With several Ray Train workers the scores s_m are summed over the workers' batches
+  (`ctx.reduce_sum`) and the modulation and noise act on the averaged gradient (the `edit_grads`
+  hook of `backward_and_step` runs after the average), with noise drawn alike on every worker:
+  N workers × batch B take the step of one process with batch N·B, as the reference runs it.
 - Multi-label datasets are rejected: s_m is defined through the softmax probability of one label.
 """
 
@@ -200,13 +200,17 @@ class OGMGE(Normal):
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         o = self.options
         out, loss = self.fused_loss(batch, ctx)
-        scores = ogm_scores(out.per_modality, batch["label"])
+        # Summed over the workers' batches: the global batch's scores, so every worker
+        # modulates the averaged gradient by the coefficients of one process on that batch.
+        local = ogm_scores(out.per_modality, batch["label"])
+        summed = ctx.reduce_sum(torch.stack([local[m] for m in self.modalities]))
+        scores = dict(zip(self.modalities, summed.unbind(), strict=True))
         ratios = ogm_ratios(scores, o.ratio_over)
         coeffs = ogm_coefficients(scores, o.alpha, o.ratio_over, o.modulate_one)
 
         def modulate() -> None:
-            # Before the average: each worker scales its own gradient by its own k, so the
-            # average is the same on every worker (see the module docstring).
+            # After the average (`backward_and_step`): the same k and, seeded alike, the same
+            # noise on every worker, as one process on the global batch.
             for m in self.modalities:
                 modulate_(self.encoders[m].parameters(), coeffs[m], o.gaussian_enhance,
                           o.conv_only, o.noise_std_eps)

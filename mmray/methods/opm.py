@@ -94,8 +94,13 @@ Where mmray differs from the reference implementation under every preset:
 - A step in which every sample lost every modality (possible only with `overwrite_scores`) is
   skipped by the authors' code and fails in BalanceBenchmark's (a loss over no samples); mmray
   steps with a zero loss, so momentum and weight decay still move the weights.
-- With several Ray Train workers each worker scores, draws and drops on its own batch; the
-  gradients are then averaged as for every method.
+- With several Ray Train workers the scores are summed over the workers (the global batch's),
+  the coin is drawn alike on every worker and the mask is drawn for the global batch, each
+  worker keeping its rows of it: N workers × batch B step as one process with batch N·B under
+  `theta_grad: none` (the default) when no sample loses every modality. Under `theta_grad:
+  theta`/`rescale` the gradient through the scores is each worker's own part (the value is the
+  global one), and a sample that lost every modality leaves its worker's mean, not the global
+  batch's: those steps differ from one process's.
 - Multi-label datasets are rejected: s_m is the softmax probability of one label.
 """
 
@@ -216,6 +221,7 @@ def kept_loss(logits: torch.Tensor, label: torch.Tensor, keep: torch.Tensor) -> 
 
 def drop_features(feats: dict[str, torch.Tensor], q: dict[str, torch.Tensor], p_exe: float,
                   rescale: bool = True, rescale_eps: float = 0.0,
+                  rows: tuple[int, int, int] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Zero h_m of each sample with probability q_m, and divide every h by 1 − θ (+ eps), when a
     coin with probability p_exe says so. Returns the features, the keep mask (B, M) in `feats`'
@@ -223,13 +229,16 @@ def drop_features(feats: dict[str, torch.Tensor], q: dict[str, torch.Tensor], p_
 
     Draws, from torch's global generator on the features' device: the coin, then the (B, M)
     mask in the layout of the reference's `Bernoulli(1 − q).sample([B, 1])`. The mask is drawn
-    even when the coin says no (instead of a host sync to skip it)."""
+    even when the coin says no (instead of a host sync to skip it). `rows` (global batch size,
+    rank, workers): draw the global batch's mask and keep this worker's rows of it (rank,
+    rank + workers, ...), so that workers seeded alike drop what one process would."""
     mods = list(feats)
     h0 = feats[mods[0]]
     batch, device = h0.shape[0], h0.device
     qs = torch.stack([q[m] for m in mods]).to(device)
     executed = torch.rand((), device=device) >= 1 - p_exe
-    drawn = torch.bernoulli((1 - qs.detach()).expand(batch, len(mods)))
+    total, rank, world = rows or (batch, 0, 1)
+    drawn = torch.bernoulli((1 - qs.detach()).expand(total, len(mods)))[rank::world]
     keep = torch.where(executed, drawn, torch.ones_like(drawn))
     if rescale:  # a q with a graph (theta_grad: rescale) passes its gradient on through θ
         theta = dropped_share(q, {m: feats[m].shape[1] for m in mods}).to(device)
@@ -280,6 +289,18 @@ class OPM(Normal):
         share = (head.fc.bias if head.mode == "concat" else head.bias).detach() / len(feats)
         return {m: F.linear(h, head.weight_of(m).detach()) + share for m, h in feats.items()}
 
+    def global_scores(self, scores: dict[str, torch.Tensor], rows: int, ctx: StepContext
+                      ) -> tuple[dict[str, torch.Tensor], int]:
+        """The scores and row count of the global batch (summed over the workers; the same with
+        one). A score with a graph (theta_grad) keeps only this worker's part of its gradient."""
+        if ctx.world_size == 1:
+            return scores, rows
+        local = torch.stack([scores[m] for m in self.modalities])
+        summed = ctx.reduce_sum(torch.cat([local.detach().double(),
+                                           torch.tensor([float(rows)], dtype=torch.float64, device=local.device)]))
+        glob = local + (summed[:-1].to(local.dtype) - local).detach()
+        return dict(zip(self.modalities, glob.unbind(), strict=True)), int(summed[-1])
+
     def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> dict:
         o = self.options
         on = self.active(ctx.epoch)
@@ -288,11 +309,13 @@ class OPM(Normal):
             logits, per_mod = self.head(feats)  # scores from the undropped features
             scores = opm_scores(self.score_logits(feats, per_mod), batch["label"],
                                 detach=o.theta_grad == "none")
+        scores, total = self.global_scores(scores, len(batch["label"]), ctx)
         ratios = opm_ratios(scores, o.ratio_over, o.ratio_eps, o.overwrite_scores)
         q = drop_probabilities(ratios, o.q_base, o.alpha)
         if on:
             q_drop = q if o.theta_grad == "rescale" else {m: v.detach() for m, v in q.items()}
-            dropped, keep, executed = drop_features(feats, q_drop, o.p_exe, o.rescale, o.rescale_eps)
+            dropped, keep, executed = drop_features(feats, q_drop, o.p_exe, o.rescale, o.rescale_eps,
+                                                    rows=(total, ctx.rank, ctx.world_size))
             with ctx.autocast():
                 logits, _ = self.head(dropped)
             loss = kept_loss(logits, batch["label"], keep)

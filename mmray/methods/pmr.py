@@ -71,8 +71,10 @@ Where mmray differs from the reference implementation under every preset:
   left out of the others' means. The reference has no missing-modality path.
 - The Euclidean distance is floored at 1e-6 (its square root's gradient at 0 is infinite).
 - With several Ray Train workers the class sums and counts are summed over the workers
-  (`ctx.reduce_sum`), so every worker holds the same prototypes; each worker's β, γ come from its
-  own batch and the gradients are averaged as for every method.
+  (`ctx.reduce_sum`), so every worker holds the same prototypes, and so are the scores s_m of
+  each step, so β, γ are the global batch's: N workers × batch B step as one process with batch
+  N·B (with missing modalities PCE and entropy are each worker's masked means, averaged, which
+  differ from the global batch's when the workers' counts of present samples differ).
 - The `sum` fusion head has one bias (see OGM-GE's module docstring); the reference's
   `SumFusion` has one per branch. Only the reference's `concat` head is the same model.
 - Multi-label datasets are rejected: prototypes are class means of samples of one label.
@@ -301,9 +303,10 @@ class PMR(Normal):
         return out_sums, out_counts, flat[0]
 
     # -- training -----------------------------------------------------------------------------
-    def prototype_terms(self, feats: dict[str, torch.Tensor], batch: Batch,
-                        epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Σ_m β_m·PCE_m + γ_m·(−H_m) and the values to log."""
+    def prototype_terms(self, feats: dict[str, torch.Tensor], batch: Batch, epoch: int,
+                        ctx: StepContext | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Σ_m β_m·PCE_m + γ_m·(−H_m) and the values to log; s_m over the global batch (summed
+        over the workers with `ctx`)."""
         o = self.options
         label, present = batch["label"], batch["present"]
         logits, pce, scores = {}, {}, {}
@@ -313,7 +316,15 @@ class PMR(Normal):
             logits[m] = prototype_logits(h, self.prototypes(m).to(h.dtype), o.distance)
             pce[m] = masked_mean(F.cross_entropy(logits[m], label, reduction="none"), present[m])
             scores[m] = prototype_scores(logits[m], label, present[m])
-        ratios = imbalance_ratios(scores, {m: present[m].any() for m in self.modalities})
+        counts = {m: present[m].to(torch.float64).sum() for m in self.modalities}
+        if ctx is not None and ctx.world_size > 1:  # the global batch's means: Σ s·n / Σ n
+            local = torch.stack([t for m in self.modalities
+                                 for t in (scores[m].double() * counts[m], counts[m])])
+            summed = ctx.reduce_sum(local).view(-1, 2)
+            for i, m in enumerate(self.modalities):
+                counts[m] = summed[i, 1]
+                scores[m] = (summed[i, 0] / counts[m].clamp(min=1)).to(scores[m].dtype)
+        ratios = imbalance_ratios(scores, {m: counts[m] > 0 for m in self.modalities})
         on = self.active(epoch)
         betas = pce_coefficients(ratios, o.alpha if on else 0.0)
         ent_weight = o.entropy_weight if on and epoch < o.entropy_ends else 0.0
@@ -338,7 +349,7 @@ class PMR(Normal):
         logs = {f"loss/{m}": self.criterion(per_mod[m].detach(), label) for m in self.modalities}
         # Without prototypes yet (a step before any `before_epoch`) or after the window: Normal.
         if self.refreshes and not self.window_over(ctx.epoch):
-            penalty, extra = self.prototype_terms(feats, batch, ctx.epoch)
+            penalty, extra = self.prototype_terms(feats, batch, ctx.epoch, ctx)
             loss = loss + penalty
             logs.update(extra)
         return self.backward_and_step(loss, optimizer, ctx, logs)

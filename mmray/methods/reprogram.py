@@ -28,6 +28,10 @@ tower per modality fed the stem tokens directly (ImageBind-style separate encode
 same loss and evaluation. Each run logs its trainable parameters and the measured FLOPs per
 sample of each modality's encoder (`reprogram/*`); `bench/reprogram_cost.py` compares the two.
 
+With several Ray Train workers, each gathers every worker's embeddings and anchors
+(`StepContext.gather_with_grad`), so the InfoNCE negatives are the global batch's, as in one
+process.
+
 Where mmray differs from the reference implementation:
 - Only `anchor: image` is the reference's objective (audio or depth against the paired image).
   ESC-50 has no paired image (the reference lists AudioSet, whose clips come with video frames,
@@ -50,6 +54,7 @@ Where mmray differs from the reference implementation:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -412,16 +417,19 @@ class Reprogram(Method):
         return Output(fused, per_mod)
 
     # -- loss and step ------------------------------------------------------------------------
-    def modality_loss(self, batch: Batch, m: str, anchor_image: torch.Tensor | None) -> torch.Tensor:
-        """L_m over the samples where m (and, for the image anchor, the image) is present."""
+    def modality_loss(self, batch: Batch, m: str, anchor_image: torch.Tensor | None,
+                      gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+        """L_m over the samples where m (and, for the image anchor, the image) is present.
+        `gather`: every worker's rows (`StepContext.gather_with_grad`), so that the negatives
+        are the global batch's, as in one process."""
         keep = batch["present"][m]
         if self.anchor == "image":
             keep = keep & batch["present"][self.image]
         idx = keep.nonzero(as_tuple=True)[0]  # a host sync: the loss needs the kept rows
-        e = F.normalize(self.embed(m, batch["inputs"][m].index_select(0, idx)).float(), dim=-1)
-        label = batch["label"].index_select(0, idx)
+        e = gather(F.normalize(self.embed(m, batch["inputs"][m].index_select(0, idx)).float(), dim=-1))
+        label = gather(batch["label"].index_select(0, idx))
         if self.anchor == "image":
-            return info_nce(e, F.normalize(anchor_image.index_select(0, idx).float(), dim=-1),
+            return info_nce(e, gather(F.normalize(anchor_image.index_select(0, idx).float(), dim=-1)),
                             self.temperature(m))
         anchors = self.class_embeddings(self.spec.modalities[m].kind)[label]
         return info_nce(e, anchors, self.temperature(m), label[:, None] == label[None, :])
@@ -430,7 +438,8 @@ class Reprogram(Method):
         with ctx.autocast():
             anchor = (self.image_embedding(batch["inputs"][self.image])
                       if self.anchor == "image" else None)
-            parts = {f"loss/{m}": self.modality_loss(batch, m, anchor) for m in self.sources}
+            parts = {f"loss/{m}": self.modality_loss(batch, m, anchor, ctx.gather_with_grad)
+                     for m in self.sources}
         loss = torch.stack(list(parts.values())).sum()
         return self.backward_and_step(loss, optimizer, ctx, parts)
 

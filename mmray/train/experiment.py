@@ -48,10 +48,27 @@ class TrainConfig:
     # Ray Train workers for one run, and what each reserves.
     num_workers: int = field(default=1, metadata=bounds(1, 4096))
     cpus_per_worker: float = field(default=1.0, metadata=bounds(0.0, 1024.0, lo_open=True))
+    # GPUs each worker reserves when the run trains on CUDA; a fraction shares one GPU between
+    # trials (0.25: four small trials per GPU, each holding a quarter in Ray's scheduling; their
+    # memory is not partitioned). Above 1 only whole numbers: Ray places no worker on parts of
+    # several GPUs.
+    gpus_per_worker: float = field(default=1.0, metadata=bounds(0.0, 8.0, lo_open=True))
+    # Reserve gpus_per_worker even with device=cpu: the run is scheduled as a GPU run (e.g. on a
+    # cluster of fake GPUs that tests GPU sharing) but trains on the CPU, over gloo.
+    reserve_gpus_on_cpu: bool = False
     # auto: CUDA when the worker sees a GPU, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # bf16 autocast; applied only on CUDA.
-    mixed_precision: bool = True
+    # Numerics of the train step and evaluation (`mmray.train.loop.resolve_precision`). auto:
+    # bf16 autocast on CUDA, fp32 on CPU; fp32: no autocast; bf16: bf16 autocast on CUDA and
+    # CPU; fp16: fp16 autocast with a dynamic gradient scaler (torch.amp.GradScaler): the loss
+    # is scaled for backward, the gradients unscaled before any method edits them, and a step
+    # whose gradients are not finite is skipped (`train/amp_skipped_steps`). fp16 runs on CPU
+    # too (torch supports it there), but only CUDA gains speed from it.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # torch.compile each encoder in place (`nn.Module.compile`: the state_dict keys and the
+    # modules the methods reach stay the same), for static shapes: each new input shape (eval
+    # mode, a last partial batch) compiles once more. Off until measured on the GPU bench.
+    compile: bool = False
     # Worker-group restarts (from the last checkpoint) before the run fails.
     max_failures: int = field(default=2, metadata=bounds(0))
     checkpoints_to_keep: int = field(default=2, metadata=bounds(1))
@@ -70,7 +87,18 @@ class TrainConfig:
     # (bench/sweep.py: the demo sweep took 151.5 s at 2 s, 99.8 s at 0.25 s).
     report_poll_s: float = field(default=0.25, metadata=bounds(0.0, 60.0, lo_open=True))
 
+    def reserves_gpus(self, cluster_gpus: float) -> bool:
+        """Whether each worker reserves `gpus_per_worker` GPUs on a cluster that has
+        `cluster_gpus`: device=cuda, device=auto when the cluster has GPUs, or
+        reserve_gpus_on_cpu."""
+        return (self.device == "cuda" or (self.device == "auto" and cluster_gpus > 0)
+                or (self.device == "cpu" and self.reserve_gpus_on_cpu))
+
     def validate(self, path: str, errors: list[str]) -> None:
+        if self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer():
+            errors.append(f"{path}.gpus_per_worker: {self.gpus_per_worker} is a fraction above 1; "
+                          "Ray needs whole GPUs above 1: use a fraction up to 1 (e.g. 0.25) or "
+                          "a whole number (2)")
         if self.select_metric and not self.select_metric.startswith("val/"):
             errors.append(f"{path}.select_metric: {self.select_metric!r} must be a val/ metric "
                           "(test never selects), e.g. val/acc")

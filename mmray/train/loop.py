@@ -51,6 +51,9 @@ class RunState:
     # Under train.select=best_val, the best epoch so far: {"epoch", "score", "method" (its
     # weights, on the CPU)}. In the checkpoint, so a resumed run selects exactly the same.
     best: dict | None = None
+    # train.precision=fp16: the loss scaler; its scale and growth count are checkpointed, so a
+    # resumed run does not start again from the initial scale (and its first overflows).
+    scaler: torch.amp.GradScaler | None = None
 
     def state_dict(self) -> dict:
         return {
@@ -60,6 +63,7 @@ class RunState:
             "epoch": self.epoch,
             "history": self.history,
             "best": self.best,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -70,6 +74,8 @@ class RunState:
         self.epoch = int(sd["epoch"])
         self.history = list(sd["history"])
         self.best = sd.get("best")
+        if self.scaler is not None and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
 
 
 def save_checkpoint(state: RunState, folder: str | Path) -> Path:
@@ -110,10 +116,37 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `train.precision` gives on `device`; None: fp32 (no autocast)."""
+    if cfg.precision == "auto":  # bf16 on CUDA: same range as fp32, no scaler needed
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def make_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16's dynamic loss scaler (torch's defaults: scale 2^16, halved after an overflow,
+    doubled after 2000 good steps); None for every other precision."""
+    if resolve_precision(cfg, device) != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def compile_encoders(method: Method) -> None:
+    """torch.compile each encoder in place (`nn.Module.compile`): the module tree, its
+    state_dict keys and what the methods reach inside the encoders stay as they are; only a
+    call of the encoder runs the compiled forward. Compilation happens at the first call, and
+    again for eval mode and each new input shape: static shapes, since inductor (torch 2.14,
+    CPU) failed to compile the backward of a dynamic-shape BatchNorm encoder."""
+    for encoder in method.encoders.values():
+        encoder.compile(dynamic=False)
+
+
 def build_state(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> RunState:
     seed_everything(cfg.seed)  # same seed -> same initial weights on every worker
     method = build_method(spec, cfg.model, cfg.method).to(device)
     t = cfg.train
+    if t.compile:
+        compile_encoders(method)
     groups = method.param_groups(t.weight_decay)
     if t.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
@@ -132,7 +165,7 @@ def build_state(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) 
         epochs, warm = t.epochs, t.warmup * t.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda e: warmup_linear(e + 0.5, epochs, warm))  # an epoch: its midpoint's value
-    return RunState(method, opt, sched)
+    return RunState(method, opt, sched, scaler=make_scaler(t, device))
 
 
 def warmup_linear(t: float, total: float, warmup: float) -> float:
@@ -144,9 +177,14 @@ def warmup_linear(t: float, total: float, warmup: float) -> float:
 
 
 def make_context(cfg: TrainConfig, device: torch.device,
-                 sync_grads: Callable[[nn.Module], None] | None = None) -> StepContext:
-    amp = torch.bfloat16 if (device.type == "cuda" and cfg.mixed_precision) else None
-    ctx = StepContext(device=device, amp_dtype=amp)
+                 sync_grads: Callable[[nn.Module], None] | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> StepContext:
+    """The step context of `cfg`'s precision on `device`. Under fp16 pass the run's
+    `RunState.scaler` (checkpointed); without one a fresh scaler is made."""
+    amp = resolve_precision(cfg, device)
+    if amp == torch.float16 and scaler is None:
+        scaler = make_scaler(cfg, device)
+    ctx = StepContext(device=device, amp_dtype=amp, scaler=scaler if amp == torch.float16 else None)
     if sync_grads is not None:
         ctx.sync_grads = sync_grads
     return ctx
@@ -173,20 +211,55 @@ def _mean(values: list) -> float:
     return float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).mean()) if values else 0.0
 
 
+def method_state(method: Method) -> dict:
+    """A copy of the method's state other than its parameters: its buffers and its extra state
+    (QMF's loss history, AGM's running scores, ReconBoost's stepped set, ...), as in its
+    state_dict, so `method.load_state_dict(copy, strict=False)` puts it back."""
+    params = {name for name, _ in method.named_parameters(remove_duplicate=False)}
+    return {k: copy.deepcopy(v) for k, v in method.state_dict().items() if k not in params}
+
+
+def train_step(method: Method, batch: Batch, optimizer: torch.optim.Optimizer,
+               ctx: StepContext) -> dict | None:
+    """`method.train_step` on one batch; its values to log, or None for a batch with a skipped
+    step (fp16: gradients not finite, so `backward_and_step` did not step).
+
+    A method updates its state inside its train step, before the step ends (QMF's history,
+    AGM's running scores); when every step of the batch was skipped, that state is put back as
+    it was before the batch, so the batch leaves no trace: parameters and optimizer state are
+    untouched by a skipped step, and this restores the rest. (A method that steps several times
+    per batch undoes its own state change for a single skipped step: MLA.) The copy is taken
+    only under fp16 and costs a copy of the method's buffers per batch."""
+    if ctx.scaler is None:
+        return method.train_step(batch, optimizer, ctx)
+    saved = method_state(method)
+    applied, skipped = ctx.applied_steps, ctx.skipped_steps
+    out = method.train_step(batch, optimizer, ctx)
+    if ctx.skipped_steps == skipped:
+        return out
+    if ctx.applied_steps == applied:
+        method.load_state_dict(saved, strict=False)
+    return None  # not logged: a skipped step's gradient norms are not finite
+
+
 def train_epoch(state: RunState, batches: Iterable[Batch], ctx: StepContext) -> dict[str, float]:
     method = state.method
     method.train()
     method.on_epoch_start(ctx.epoch)
     before = method.before_epoch(state.optimizer, ctx)
     logs: dict[str, list] = {}
+    skipped = ctx.skipped_steps
     for i, batch in enumerate(batches):
         ctx.batch_idx = i
-        out = method.train_step(batch, state.optimizer, ctx)
-        for k, v in out.items():
+        out = train_step(method, batch, state.optimizer, ctx)
+        for k, v in (out or {}).items():
             logs.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
     if state.scheduler is not None:
         state.scheduler.step()
     metrics = {f"train/{k}": _mean(v) for k, v in logs.items()}
+    if ctx.scaler is not None:  # fp16: the epoch's skipped steps and the scale it ended with
+        metrics["train/amp_skipped_steps"] = float(ctx.skipped_steps - skipped)
+        metrics["train/amp_scale"] = ctx.scaler.get_scale()
     metrics.update({f"train/{k}": float(v) for k, v in before.items()})
     metrics.update(method.epoch_metrics())
     return metrics
@@ -356,7 +429,7 @@ def run_local(cfg: ExperimentConfig, version_dir: str | Path, checkpoint_dir: st
         if stop_after is not None and done["n"] >= stop_after:
             raise _Stop
 
-    ctx = make_context(cfg.train, device)
+    ctx = make_context(cfg.train, device, scaler=state.scaler)
     ctx.batches_per_epoch = max(1, math.ceil(len(readers["train"]) / cfg.train.batch_size))
     splits = tuple(s for s in ("val", "test") if s in readers)
     with contextlib.suppress(_Stop):

@@ -2,9 +2,10 @@
 
 The loop itself is `mmray.train.loop.fit`; Ray touches it in four places, marked RAY below: the
 splits cached in the object store (`mmray.data.ingest` reads them, or streams the shard files,
-in each epoch's seeded order), gradient/metric all-reduce across workers, the checkpoint restored
-on start (after a worker failure Ray restarts the group and hands back the latest one), and the
-per-epoch `ray.train.report`, which carries the checkpoint written by rank 0.
+in each epoch's seeded order), gradients, method statistics and metrics reduced across workers
+(`mmray.train.collective`), the checkpoint restored on start (after a worker failure Ray
+restarts the group and hands back the latest one), and the per-epoch `ray.train.report`, which
+carries the checkpoint written by rank 0.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-from torch import nn
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from mmray.config import from_dict, to_dict
 from mmray.data import ingest, missing
 from mmray.data.reader import load_manifest, spec_of
+from mmray.train import collective
 from mmray.train.experiment import ExperimentConfig
 from mmray.train.loop import (
     CHECKPOINT_FILE,
@@ -46,32 +47,7 @@ POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll in
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    buf = t.to(backend_device, torch.float64)
-    dist.all_reduce(buf)
-    return buf.to(t.device, t.dtype)
-
-
-def _average_grads(module: nn.Module) -> None:
-    """Average gradients over workers in one flat all-reduce (a no-op with one worker).
-
-    One collective per step instead of one per parameter; unlike DDP it does not overlap with
-    backward, which is why it is only used when num_workers > 1.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    return collective.all_reduce_sum(t)
 
 
 def _all_gather(obj: Any) -> list[Any]:
@@ -192,9 +168,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker = EpochLogger(**config["tracking"])
         # Where this run's workers ran, and the report poll interval that reached them (set on
         # the driver, passed on by Ray through the run's controller).
-        # How each split reached the loop (train.ingest).
+        # How each split reached the loop (train.ingest). The GPUs (or GPU fraction) rank 0's
+        # worker holds in Ray's scheduling, and the device it trains on.
+        held = ray.get_runtime_context().get_assigned_resources()
         tracker.set_tags({"train_nodes": ",".join(nodes), "train_poll_s": os.environ.get(POLL_ENV, ""),
-                          "ingest": ",".join(f"{s}={'cache' if s in cached else 'stream'}" for s in readers)})
+                          "ingest": ",".join(f"{s}={'cache' if s in cached else 'stream'}" for s in readers),
+                          "train_gpus": f"{held.get('GPU', 0):g}", "train_device": str(device)})
     batches = ingest.batches_fn(version_dir, manifest, readers, device)
 
     def report(epoch: int, metrics: dict, st: RunState) -> None:
@@ -204,7 +183,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = Checkpoint.from_directory(save_checkpoint(st, tmp).parent) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)  # RAY: a barrier, every rank calls it
 
-    ctx = make_context(cfg.train, device, sync_grads=_average_grads)
+    ctx = make_context(cfg.train, device, scaler=state.scaler)  # fp16: checkpointed
+    # RAY: with several workers, the step of one worker on the global batch: gradients averaged
+    # in buckets during backward, BatchNorm and method statistics over the workers' batches.
+    collective.distribute(state.method, ctx)
     ctx.batches_per_epoch = max(1, math.ceil(len(readers["train"]) / cfg.train.batch_size))
     splits = tuple(s for s in ("val", "test") if s in readers)
     if state.epoch >= cfg.train.epochs and state.history:
@@ -228,9 +210,8 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
     # RAY: a cached split is put in the object store once; workers map it without copying.
     cached = {s: ray.put(ingest.read_table(version_dir, s)) for s in SPLITS if manifest["rows"].get(s)
               and ingest.choose_cache(cfg.train.ingest, ingest.split_bytes(version_dir, s), store)}
-    use_gpu = cfg.train.device == "cuda" or (
-        cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-    )
+    use_gpu = cfg.train.reserves_gpus(ray.cluster_resources().get("GPU", 0))
+    gpus = {"GPU": cfg.train.gpus_per_worker} if use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "version_dir": str(version_dir),
@@ -240,8 +221,11 @@ def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, sto
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus},
         ),
+        # RAY: workers that reserve GPUs get nccl by default; a CPU run that reserves them
+        # (train.reserve_gpus_on_cpu) communicates over gloo.
+        torch_config=TorchConfig(backend="gloo") if cfg.train.device == "cpu" else None,
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

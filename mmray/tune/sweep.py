@@ -9,6 +9,7 @@ supported by Ray Train V2, hence this pattern.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from mmray.tracking import mlflow_log as ml
 from mmray.tune.grid import AblationConfig, expand_grid, trial_experiment, value_label
 from mmray.tune.progress import SweepProgress
 from mmray.tune.search import CellSearcher
+
+# Tune's cap on pending trials, read when the Tuner starts (`tune_controller.py`).
+PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 
 
 def run_trial(config: dict, context: dict) -> None:
@@ -69,15 +73,25 @@ def progress(abl: AblationConfig, n_trials: int) -> SweepProgress:
 
 def concurrency(abl: AblationConfig, n_trials: int, res: dict[str, float]) -> int:
     """Trials at once: the config's cap, else what the cluster's resources `res` (CPUs, GPUs,
-    trial slots) fit with the config's workers per trial and their CPUs and GPUs."""
+    trial slots) fit with the config's workers per trial and their CPUs and GPUs: with
+    gpus_per_worker 0.25 and one worker a trial, four trials per GPU.
+
+    A resource the cluster has none of yet (CPUs on an autoscaling cluster whose head trains
+    nothing and whose workers scale from 0) is left to the autoscaler: the trial slots bound the
+    trials then; so do they for GPU runs while no GPU node is up (the CPUs up then, the head's,
+    are not where their workers go). Nodes already up do count, so set
+    resources.max_concurrent_trials on a cluster that has only some of its workers up."""
     if abl.resources.max_concurrent_trials:
         return min(abl.resources.max_concurrent_trials, n_trials)
     t = abl.experiment.train
-    fits = [math.floor(res.get("CPU", 1) / (t.num_workers * t.cpus_per_worker)),
-            int(res.get(TRIAL_SLOT, 1))]
-    if t.device == "cuda" or (t.device == "auto" and res.get("GPU", 0) > 0):
-        fits.append(math.floor(res.get("GPU", 0) / t.num_workers))
-    return max(1, min(n_trials, *fits))
+    per_trial = {"CPU": t.num_workers * t.cpus_per_worker}
+    if t.reserves_gpus(res.get("GPU", 0)):
+        per_trial["GPU"] = t.num_workers * t.gpus_per_worker
+    # + 1e-9: 0.9 GPUs / (3 × 0.3) is 0.9999999999999999 in floats, yet the trials fit.
+    fits = [math.floor(res[k] / need + 1e-9) for k, need in per_trial.items() if res.get(k, 0) > 0]
+    if "GPU" in per_trial and not res.get("GPU", 0):
+        fits = []
+    return max(1, min(n_trials, int(res.get(TRIAL_SLOT, 1)), *fits))
 
 
 @dataclass
@@ -123,6 +137,11 @@ def run_sweep(abl: AblationConfig, version_dir: str, data_version: str, *, resum
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_SLOT: 1})
     cells = expand_grid(abl.grid)
     n_trials = len(cells) * abl.search.num_samples
+    # RAY: Tune keeps at most this many trials pending (waiting for resources); by default a
+    # handful, so on an autoscaling cluster the queued demand the autoscaler sees stays small
+    # and it scales up a few nodes at a time (ray-project/ray#43451). The whole grid may wait.
+    os.environ[PENDING_ENV] = str(n_trials)
+    client.set_tag(parent_id, "tune_max_pending_trials", str(n_trials))
     if resume and tune.Tuner.can_restore(sweep_dir):
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
