@@ -59,6 +59,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device, t.dtype)
 
 
+def _gather_padded(t: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """Every worker's `t` (rows padded to the most any worker holds), and each one's row count."""
+    w, dev = world_size(), _backend_device(t)
+    counts = torch.tensor([t.shape[0]], device=dev)
+    all_counts = [torch.zeros_like(counts) for _ in range(w)]
+    dist.all_gather(all_counts, counts)
+    sizes = [int(c) for c in all_counts]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[:t.shape[0]] = t.detach().to(dev)
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    return parts, sizes
+
+
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """The rows of `t` (dim 0) of every worker, in the global batch's order: with W workers the
     ingest gives worker r rows r, r+W, r+2W, ... of each global batch, so row i of worker r is
@@ -67,22 +81,13 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     w = world_size()
     if w == 1:
         return t
-    dev = _backend_device(t)
-    counts = torch.tensor([t.shape[0]], device=dev)
-    all_counts = [torch.zeros_like(counts) for _ in range(w)]
-    dist.all_gather(all_counts, counts)
-    sizes = [int(c) for c in all_counts]
-    most = max(sizes)
-    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=dev)
-    padded[:t.shape[0]] = t.detach().to(dev)
-    parts = [torch.empty_like(padded) for _ in range(w)]
-    dist.all_gather(parts, padded)
-    rows = [None] * sum(sizes)
-    for r, (part, n) in enumerate(zip(parts, sizes, strict=True)):
-        for i in range(n):
-            rows[r + w * i] = part[i]
-    if any(x is None for x in rows):  # counts that striding cannot give: keep rank order
-        rows = [part[i] for part, n in zip(parts, sizes, strict=True) for i in range(n)]
+    parts, sizes = _gather_padded(t)
+    total = sum(sizes)
+    at = [(r + w * i, part[i]) for r, (part, n) in enumerate(zip(parts, sizes, strict=True)) for i in range(n)]
+    if sorted(k for k, _ in at) == list(range(total)):
+        rows = [x for _, x in sorted(at, key=lambda kx: kx[0])]
+    else:  # counts that striding cannot give: keep rank order
+        rows = [x for _, x in at]
     return torch.stack(rows).to(t.device)
 
 
@@ -92,15 +97,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        w, dev = world_size(), _backend_device(t)
-        counts = torch.tensor([t.shape[0]], device=dev)
-        all_counts = [torch.zeros_like(counts) for _ in range(w)]
-        dist.all_gather(all_counts, counts)
-        sizes = [int(c) for c in all_counts]
-        padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=dev)
-        padded[:t.shape[0]] = t.detach().to(dev)
-        parts = [torch.empty_like(padded) for _ in range(w)]
-        dist.all_gather(parts, padded)
+        parts, sizes = _gather_padded(t)
         ctx.sizes, ctx.rank = sizes, dist.get_rank()
         return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(t.device)
 
