@@ -238,10 +238,6 @@ def decode(value, ms: ModalitySpec, enc: dict, cfg, aug: Augment,
     return np.asarray(value)
 
 
-def needs_decode(enc: dict) -> bool:
-    return enc["codec"] in ("jpeg", "uint8", "pcm16", "float16")
-
-
 def check_augment(aug: Augment, modalities: dict[str, ModalitySpec], encs: dict[str, dict],
                   where: str) -> None:
     """Augmentation asks for shards that keep what it transforms; name the mismatch."""
