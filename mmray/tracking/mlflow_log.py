@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 SWEEP_TAG = "mmray.sweep"
@@ -129,7 +130,19 @@ def log_dataset_input(client: MlflowClient, run_id: str, name: str, source: str,
     scheme = source.split("://", 1)[0] if "://" in source else "local"
     dataset = Dataset(name=name, digest=digest, source_type="local" if scheme == "file" else scheme,
                       source=json.dumps({"uri": source}))
-    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(DATASET_CONTEXT_TAG, context)])])
+    inputs = [DatasetInput(dataset, [InputTag(DATASET_CONTEXT_TAG, context)])]
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as e:
+            # Trials that start together race to create the experiment's one row for this
+            # dataset; the loser's insert fails on the unique key (seen with an MLflow server).
+            # The row exists then, and logging again links it.
+            duplicate = any(k in str(e) for k in ("UNIQUE constraint", "unique constraint", "Duplicate entry"))
+            if not duplicate or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _find_runs(client: MlflowClient, exp_id: str, filters: dict[str, str]) -> list:
