@@ -42,12 +42,8 @@ from mmray.train.loop import (
     save_checkpoint,
 )
 
-SPLITS = ("train", "val", "test")
+SPLITS = ingest.SPLITS
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll interval
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    return collective.all_reduce_sum(t)
 
 
 def _all_gather(obj: Any) -> list[Any]:
@@ -193,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Restored a finished run (e.g. a resumed sweep): nothing to train, report the final state.
         report(state.epoch - 1, state.history[-1], state)
         return
-    fit(cfg, state, batches, report, ctx, reduce=_all_reduce_sum, splits=splits)
+    fit(cfg, state, batches, report, ctx, reduce=collective.all_reduce_sum, splits=splits)
 
 
 def build_trainer(cfg: ExperimentConfig, version_dir: str | Path, name: str, storage_path: str,
